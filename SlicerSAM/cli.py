@@ -1,0 +1,537 @@
+"""Command-line interface: `python -m SlicerSAM {segment,propagate,evaluate,benchmark,models,demo}`.
+
+Every sub-command validates its inputs and output paths before any model work, prints a clear
+one-line error and exits with status 2 on bad input (1 on an unexpected failure), and writes its
+outputs atomically (nothing partial is left behind on failure or Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from SlicerSAM.errors import Cancelled, SlicerSAMError
+
+log = logging.getLogger("SlicerSAM")
+
+ORIENTATIONS = ("axial", "coronal", "sagittal")
+PROTOCOLS_HELP = (
+    "box-per-slice, box3d-propagate, keyslice-box, keyslice-point, clicks-N (e.g. clicks-3)"
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------------------
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="litemedsam", help="model name (see `models`)")
+    p.add_argument("--checkpoint", help="local checkpoint file to use instead of the model zoo")
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps"
+    )
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="allow downloading the model's official checkpoint (verified by sha256, cached)",
+    )
+
+
+def _add_slice_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--axis", default="axial", choices=ORIENTATIONS, help="slicing orientation")
+    p.add_argument(
+        "--window",
+        default="abdomen",
+        help="intensity mapping: a preset (abdomen, lung, bone, brain, mediastinum), 'L,W' "
+        "(level,width in HU, e.g. 40,400), or 'mr' (0.5-99.5 %% percentiles of the volume)",
+    )
+
+
+def _progress_bar(desc: str):
+    """A progress(done, total, message) callback drawing a tqdm bar on stderr."""
+    from tqdm import tqdm
+
+    state = {"bar": None}
+
+    def progress(done: int, total: int, message: str = "") -> None:
+        bar = state["bar"]
+        if bar is None or bar.total != total:
+            if bar is not None:
+                bar.close()
+            bar = state["bar"] = tqdm(total=total, desc=desc, unit="slice", leave=False)
+        bar.n = done
+        if message:
+            bar.set_postfix_str(message, refresh=False)
+        bar.refresh()
+        if done >= total:
+            bar.close()
+            state["bar"] = None
+
+    return progress
+
+
+def _load_segmenter(args, volume):
+    from SlicerSAM.intensity import parse_intensity
+    from SlicerSAM.segmenter import Segmenter
+
+    intensity = parse_intensity(args.window)
+    model = _load_model(args)
+    return Segmenter(volume, model, orientation=args.axis, intensity=intensity)
+
+
+def _load_model(args):
+    from sam_core.zoo import load_model
+
+    progress = _progress_bar("download") if getattr(args, "download", False) else None
+    return load_model(
+        args.model,
+        args.checkpoint,
+        device=args.device,
+        allow_download=getattr(args, "download", False),
+        progress=progress,
+    )
+
+
+def _read_label_names(path: str | None) -> dict[int, str] | None:
+    """Label names from a {value: name} JSON (labels.json) or an MSD dataset.json ("labels")."""
+    if not path:
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise SlicerSAMError(f"cannot read label names from {path}: {exc}") from exc
+    if isinstance(data, dict) and "labels" in data and isinstance(data["labels"], dict):
+        data = data["labels"]
+        # MSD style is {"0": "background", "1": "liver"}; nnU-Net v2 is {"liver": 1}
+        if all(isinstance(v, int) for v in data.values()):
+            data = {v: k for k, v in data.items()}
+    try:
+        names = {int(k): str(v) for k, v in data.items()}
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise SlicerSAMError(f"{path}: expected a JSON object {{label value: name}}") from exc
+    names.pop(0, None)
+    return names
+
+
+def _timing_block(segmenter, wall_s: float) -> dict:
+    from SlicerSAM.benchmark import peak_rss_mb
+
+    timing = dict(segmenter.timing())
+    timing["wall_s"] = round(wall_s, 3)
+    timing["peak_rss_mb"] = peak_rss_mb()
+    return timing
+
+
+def _write_mask_output(path: str, labels, volume, segments, overwrite: bool) -> None:
+    from SlicerSAM.outputs import write_labelmap, write_segmentation
+
+    if path.endswith(".seg.nrrd"):
+        write_segmentation(path, labels, volume, segments, overwrite=overwrite)
+    else:
+        write_labelmap(path, labels, volume, overwrite=overwrite)
+
+
+def _check_outputs(paths: Sequence[str | None], overwrite: bool) -> None:
+    from SlicerSAM.outputs import check_output_path
+
+    for path in paths:
+        if path:
+            check_output_path(path, overwrite)
+
+
+def _print_table(structures: dict, out=sys.stdout) -> None:
+    """Per-structure metrics as a fixed-width table."""
+    header = f"{'structure':<28} {'label':>5} {'dice':>6} {'iou':>6} {'hd95 mm':>8} {'nsd':>6}"
+    print(header, file=out)
+    print("-" * len(header), file=out)
+
+    def fmt(v, width, digits):
+        return f"{v:>{width}.{digits}f}" if isinstance(v, (int, float)) else f"{'-':>{width}}"
+
+    for name, m in structures.items():
+        print(
+            f"{name[:28]:<28} {m.get('label', ''):>5} {fmt(m.get('dice'), 6, 3)} "
+            f"{fmt(m.get('iou'), 6, 3)} {fmt(m.get('hd95_mm'), 8, 1)} {fmt(m.get('nsd'), 6, 3)}",
+            file=out,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Sub-commands
+# ----------------------------------------------------------------------------------------------
+def cmd_models(args) -> int:
+    from sam_core.zoo import DEFAULT_MODEL, MODEL_SPECS, describe_availability
+
+    for name, spec in MODEL_SPECS.items():
+        mark = "*" if name == DEFAULT_MODEL else " "
+        size = f"{spec.size_bytes / 1e6:8.1f} MB" if spec.size_bytes else "       ? MB"
+        print(f"{mark} {name:<14} {size}  {describe_availability(spec):<34} {spec.description}")
+    print("\n* default. Download a model with e.g. `segment ... --model sam_vit_b --download`.")
+    return 0
+
+
+def _segment_prompts(args, volume, segmenter):
+    """Key-slice result for the prompts file: (index, SliceResult, slice range or None)."""
+    from SlicerSAM.markups import read_markups
+    from SlicerSAM.prompts import box_slice_range, load_prompt_file, prompts_on_slice
+
+    path = Path(args.prompts)
+    if path.name.endswith(".mrk.json"):
+        prompts = read_markups(path)
+    else:
+        prompts = load_prompt_file(path)
+    slice_range = None
+    if prompts.box is not None:
+        slice_range = box_slice_range(prompts.box, volume, segmenter.plane)
+        if slice_range[0] == slice_range[1]:
+            slice_range = None
+    slice_prompts = prompts_on_slice(prompts, volume, segmenter.plane, index=args.slice)
+    result = segmenter.segment(slice_prompts.index, slice_prompts)
+    return slice_prompts.index, result, slice_range
+
+
+def cmd_segment(args, propagate_default: bool = False) -> int:
+    import numpy as np
+
+    from SlicerSAM.reports import write_json
+    from SlicerSAM.volume import load_volume
+
+    _check_outputs([args.output, args.json], args.overwrite)
+    t0 = time.perf_counter()
+    volume = load_volume(args.image)
+    segmenter = _load_segmenter(args, volume)
+    index, result, slice_range = _segment_prompts(args, volume, segmenter)
+    grids = {index: result.mask}
+    stop_reasons = {}
+    if args.propagate or propagate_default:
+        from SlicerSAM.propagation import propagate
+
+        prop = propagate(
+            segmenter,
+            {index: result},
+            slice_range=slice_range,
+            progress=_progress_bar("propagate"),
+        )
+        grids = prop.masks
+        stop_reasons = prop.stop_reasons
+    mask = segmenter.plane.stack(grids, dtype=np.uint8)
+    segments = [(1, args.name, (0.85, 0.35, 0.25))]
+    _write_mask_output(args.output, mask, volume, segments, args.overwrite)
+    wall = time.perf_counter() - t0
+    info = {
+        "image": str(args.image),
+        "prompts": str(args.prompts),
+        "model": segmenter.model_name,
+        "device": str(segmenter.device),
+        "axis": args.axis,
+        "window": args.window,
+        "key_slice": index,
+        "predicted_iou": float(result.iou[result.best]),
+        "slices_segmented": sorted(int(k) for k, v in grids.items() if v.any()),
+        "stop_reasons": stop_reasons,
+        "voxels": int(mask.sum()),
+        "output": str(args.output),
+        "timing": _timing_block(segmenter, wall),
+    }
+    if args.json:
+        write_json(args.json, info, overwrite=args.overwrite)
+    print(
+        f"{info['voxels']} voxels on {len(info['slices_segmented'])} slice(s) -> {args.output} "
+        f"({info['model']} on {info['device']}, {wall:.1f} s)"
+    )
+    return 0
+
+
+def cmd_propagate(args) -> int:
+    if args.prompts:
+        return cmd_segment(args, propagate_default=True)
+    return _propagate_from_mask(args)
+
+
+def _propagate_from_mask(args) -> int:
+    """Propagate from key slices of an existing label map (an accepted or corrected segment)."""
+    import numpy as np
+
+    from SlicerSAM.propagation import propagate
+    from SlicerSAM.reports import write_json
+    from SlicerSAM.volume import load_volume
+
+    _check_outputs([args.output, args.json], args.overwrite)
+    t0 = time.perf_counter()
+    volume = load_volume(args.image)
+    seed = load_volume(args.mask)
+    if seed.shape != volume.shape:
+        raise SlicerSAMError(
+            f"{args.mask}: grid {seed.shape} differs from the image's {volume.shape} (K, J, I)"
+        )
+    segmenter = _load_segmenter(args, volume)
+    plane = segmenter.plane
+    seed_mask = np.asarray(seed.array) == args.label if args.label else np.asarray(seed.array) > 0
+    present = [i for i in range(plane.num_slices) if plane.grid(seed_mask, i).any()]
+    if args.slices:
+        keys = [int(s) for s in args.slices.split(",")]
+        missing = [k for k in keys if k not in present]
+        if missing:
+            raise SlicerSAMError(f"key slice(s) {missing} are empty in {args.mask}")
+    else:
+        keys = present
+    if not keys:
+        raise SlicerSAMError(f"{args.mask} holds no voxels to propagate from")
+    prop = propagate(
+        segmenter,
+        {k: np.array(plane.grid(seed_mask, k)) for k in keys},
+        progress=_progress_bar("propagate"),
+    )
+    mask = plane.stack(prop.masks, dtype=np.uint8)
+    _write_mask_output(
+        args.output, mask, volume, [(1, args.name, (0.85, 0.35, 0.25))], args.overwrite
+    )
+    wall = time.perf_counter() - t0
+    if args.json:
+        info = {
+            "image": str(args.image),
+            "mask": str(args.mask),
+            "key_slices": keys,
+            "stop_reasons": prop.stop_reasons,
+            "voxels": int(mask.sum()),
+            "timing": _timing_block(segmenter, wall),
+        }
+        write_json(args.json, info, overwrite=args.overwrite)
+    print(f"{int(mask.sum())} voxels from key slices {keys} -> {args.output} ({wall:.1f} s)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import numpy as np
+
+    from SlicerSAM.metrics import evaluate_labels
+    from SlicerSAM.reports import plot_structure_dice, write_csv, write_json
+    from SlicerSAM.volume import load_volume
+
+    _check_outputs([args.json, args.csv], args.overwrite)
+    pred = load_volume(args.prediction)
+    ref = load_volume(args.reference)
+    if pred.shape != ref.shape or not np.allclose(pred.ijk_to_ras, ref.ijk_to_ras, atol=1e-3):
+        raise SlicerSAMError(
+            f"{args.prediction} and {args.reference} are not on the same grid "
+            f"({pred.shape} vs {ref.shape}); resample the prediction first"
+        )
+    names = _read_label_names(args.labels)
+    results = evaluate_labels(
+        np.asarray(pred.array),
+        np.asarray(ref.array),
+        ref.spacing,
+        names or {},
+        tolerance_mm=args.tolerance,
+    )
+    _print_table(results)
+    if args.json:
+        write_json(args.json, {"structures": results}, overwrite=args.overwrite)
+    if args.csv:
+        write_csv(args.csv, [{"structure": k, **v} for k, v in results.items()])
+    if args.plots:
+        Path(args.plots).mkdir(parents=True, exist_ok=True)
+        plot_structure_dice(results, Path(args.plots) / "structure_dice.png")
+    return 0
+
+
+def cmd_benchmark(args) -> int:
+    from SlicerSAM import benchmark
+    from SlicerSAM.intensity import parse_intensity
+
+    intensity = parse_intensity(args.window)
+    names = _read_label_names(args.labels)
+    if args.dataset:
+        if not args.output:
+            raise SlicerSAMError("--dataset needs --output DIR for per-case results and summary")
+        summary = benchmark.run_dataset(
+            args.dataset,
+            args.output,
+            args.protocol,
+            model=args.model,
+            checkpoint=args.checkpoint,
+            device=args.device,
+            orientation=args.axis,
+            intensity=intensity,
+            min_voxels=args.min_voxels,
+            jitter=args.jitter,
+            seed=args.seed,
+            workers=args.workers,
+            label_names=names,
+            progress=_progress_bar("cases"),
+        )
+        print(json.dumps({k: v for k, v in summary.items() if k != "structures"}, indent=1))
+        return 0
+    if not (args.image and args.reference):
+        raise SlicerSAMError("benchmark needs IMAGE and REFERENCE, or --dataset DIR")
+    _check_outputs([args.json, args.csv, args.output], args.overwrite)
+    from SlicerSAM.volume import load_volume
+
+    image = load_volume(args.image)
+    reference = load_volume(args.reference)
+    model = _load_model(args)
+    result = benchmark.run_benchmark(
+        image,
+        reference,
+        args.protocol,
+        label_names=names,
+        model=model,
+        device=args.device,
+        orientation=args.axis,
+        intensity=intensity,
+        min_voxels=args.min_voxels,
+        jitter=args.jitter,
+        seed=args.seed,
+        progress=_progress_bar(args.protocol),
+    )
+    benchmark.write_benchmark_outputs(
+        result,
+        image,
+        reference,
+        json_path=args.json,
+        csv_path=args.csv,
+        plots_dir=args.plots,
+        labels_path=args.output,
+        overwrite=args.overwrite,
+    )
+    _print_table(result["structures"])
+    t = result["timing"]
+    print(
+        f"\n{result['protocol']}: mean Dice {result['mean_dice']:.3f}, mean IoU "
+        f"{result['mean_iou']:.3f} over {len(result['structures'])} structures | "
+        f"{result['model']} on {result['device']} | {t['slices_encoded']} slices encoded, "
+        f"{t['encode_ms_per_slice']:.0f} ms/slice encode, {t['decode_ms_per_prompt']:.1f} ms/prompt"
+        f" decode, {t['wall_s']:.1f} s"
+    )
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from SlicerSAM.demo import run_demo
+
+    return run_demo(args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parser
+# ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m SlicerSAM",
+        description="Segment Anything (LiteMedSAM, MedSAM, SAM) for CT and MRI volumes.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("models", help="list the available models and where their weights are")
+    p.set_defaults(func=cmd_models)
+
+    for name, helptext in (
+        ("segment", "segment one slice from prompts (optionally propagate through the volume)"),
+        ("propagate", "propagate from prompts or from key slices of an existing label map"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("image", help="volume: NIfTI, NRRD, MetaImage or a DICOM folder")
+        p.add_argument(
+            "--prompts",
+            required=(name == "segment"),
+            help="Slicer markups (.mrk.json: point lists, ROI) or a SlicerSAM prompt JSON "
+            "(docs/prompts.md)",
+        )
+        if name == "segment":
+            p.add_argument("--propagate", action="store_true", help="propagate from the key slice")
+        else:
+            p.set_defaults(propagate=True)
+            p.add_argument("--mask", help="label map on the image grid whose slices are key slices")
+            p.add_argument("--label", type=int, default=0, help="label value in --mask (0 = any)")
+            p.add_argument("--slices", help="comma-separated key slice indices in --mask")
+        p.add_argument("--slice", type=int, help="slice index when the prompts do not fix it")
+        p.add_argument(
+            "--output", required=True, help="output .seg.nrrd or label map (.nii.gz, .nrrd)"
+        )
+        p.add_argument("--json", help="write run information (timing, slices) to this JSON file")
+        p.add_argument("--name", default="SAM segment", help="segment name in the .seg.nrrd")
+        p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+        _add_model_args(p)
+        _add_slice_args(p)
+        p.set_defaults(func=cmd_segment if name == "segment" else cmd_propagate)
+
+    p = sub.add_parser("evaluate", help="Dice, IoU, HD95, NSD of a label map against a reference")
+    p.add_argument("prediction")
+    p.add_argument("reference")
+    p.add_argument("--labels", help="JSON {label value: name}")
+    p.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm")
+    p.add_argument("--json")
+    p.add_argument("--csv")
+    p.add_argument("--plots", help="folder for PNG plots")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("benchmark", help="run a prompt protocol against reference labels")
+    p.add_argument("image", nargs="?")
+    p.add_argument("reference", nargs="?")
+    p.add_argument("--protocol", required=True, help=PROTOCOLS_HELP)
+    p.add_argument("--dataset", help="nnU-Net/MSD folder (imagesTr/, labelsTr/): every case")
+    p.add_argument("--workers", type=int, default=1, help="processes for --dataset")
+    p.add_argument("--labels", help="JSON {label value: name} (or the dataset's dataset.json)")
+    p.add_argument("--min-voxels", type=int, default=200, help="skip smaller structures")
+    p.add_argument("--jitter", type=float, default=0.0, help="box jitter in pixels (seeded)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json")
+    p.add_argument("--csv")
+    p.add_argument("--plots", help="folder for PNG plots")
+    p.add_argument("--output", help="predicted label map (or the results folder with --dataset)")
+    p.add_argument("--overwrite", action="store_true")
+    _add_model_args(p)
+    _add_slice_args(p)
+    p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser(
+        "demo",
+        help="segment the bundled sample (or --image/--labels) with the default model and "
+        "report Dice/IoU per structure",
+    )
+    p.add_argument("--image", help="a real volume instead of the synthetic phantom")
+    p.add_argument("--labels", help="reference label map for --image")
+    p.add_argument("--names", help="JSON {label value: name} for --labels")
+    p.add_argument("--output", default="slicersam-demo", help="output folder (a run sub-folder)")
+    p.add_argument(
+        "--protocol", default="keyslice-box", help="prompt protocol (" + PROTOCOLS_HELP + ")"
+    )
+    p.add_argument("--min-voxels", type=int, default=200)
+    _add_model_args(p)
+    _add_slice_args(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (SlicerSAMError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Cancelled:
+        print("cancelled: nothing was written", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        from sam_core.errors import CheckpointError
+
+        if isinstance(exc, CheckpointError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
