@@ -42,7 +42,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_slice_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--axis", default="axial", choices=ORIENTATIONS, help="slicing orientation")
+    p.add_argument(
+        "--axis",
+        choices=ORIENTATIONS,
+        help="slicing orientation (default: the prompts', else axial)",
+    )
     p.add_argument(
         "--window",
         default="abdomen",
@@ -74,13 +78,31 @@ def _progress_bar(desc: str):
     return progress
 
 
+def _add_volume_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--series", help="SeriesInstanceUID when a DICOM folder holds several series")
+    p.add_argument("--timepoint", type=int, help="index along the 4th axis of 4D data")
+    p.add_argument("--component", type=int, help="component of multi-component (vector) data")
+
+
+def _load_image(args, path: str | None = None):
+    """The image volume of a command, honouring --series/--timepoint/--component."""
+    from SlicerSAM.volume import load_volume
+
+    return load_volume(
+        path or args.image,
+        series=getattr(args, "series", None),
+        timepoint=getattr(args, "timepoint", None),
+        component=getattr(args, "component", None),
+    )
+
+
 def _load_segmenter(args, volume):
     from SlicerSAM.intensity import parse_intensity
     from SlicerSAM.segmenter import Segmenter
 
     intensity = parse_intensity(args.window)
     model = _load_model(args)
-    return Segmenter(volume, model, orientation=args.axis, intensity=intensity)
+    return Segmenter(volume, model, orientation=args.axis or "axial", intensity=intensity)
 
 
 def _load_model(args):
@@ -143,8 +165,9 @@ def _check_outputs(paths: Sequence[str | None], overwrite: bool) -> None:
             check_output_path(path, overwrite)
 
 
-def _print_table(structures: dict, out=sys.stdout) -> None:
-    """Per-structure metrics as a fixed-width table."""
+def _print_table(structures: dict, out=None) -> None:
+    """Per-structure metrics as a fixed-width table (on stdout unless `out` is given)."""
+    out = out or sys.stdout
     header = f"{'structure':<28} {'label':>5} {'dice':>6} {'iou':>6} {'hd95 mm':>8} {'nsd':>6}"
     print(header, file=out)
     print("-" * len(header), file=out)
@@ -174,37 +197,47 @@ def cmd_models(args) -> int:
     return 0
 
 
-def _segment_prompts(args, volume, segmenter):
-    """Key-slice result for the prompts file: (index, SliceResult, slice range or None)."""
+def _read_prompts(path: str):
+    """Prompts from Slicer markups (.mrk.json) or a SlicerSAM prompt JSON file."""
     from SlicerSAM.markups import read_markups
-    from SlicerSAM.prompts import box_slice_range, load_prompt_file, prompts_on_slice
+    from SlicerSAM.prompts import load_prompt_file
 
-    path = Path(args.prompts)
-    if path.name.endswith(".mrk.json"):
-        prompts = read_markups(path)
-    else:
-        prompts = load_prompt_file(path)
+    if str(path).endswith(".mrk.json"):
+        return read_markups(path)
+    return load_prompt_file(path)
+
+
+def _key_slice_prompts(args, volume):
+    """Validated key-slice prompts, before any model work: (SlicePrompts, slice range or None).
+
+    The orientation is --axis, else the prompt file's own, else axial.
+    """
+    from SlicerSAM.prompts import box_slice_range, prompts_on_slice
+    from SlicerSAM.slicing import plane_for
+
+    prompts = _read_prompts(args.prompts)
+    args.axis = args.axis or getattr(prompts, "orientation", None) or "axial"
+    plane = plane_for(volume, args.axis)
     slice_range = None
     if prompts.box is not None:
-        slice_range = box_slice_range(prompts.box, volume, segmenter.plane)
-        if slice_range[0] == slice_range[1]:
-            slice_range = None
-    slice_prompts = prompts_on_slice(prompts, volume, segmenter.plane, index=args.slice)
-    result = segmenter.segment(slice_prompts.index, slice_prompts)
-    return slice_prompts.index, result, slice_range
+        first, last = box_slice_range(prompts.box, volume, plane)
+        slice_range = None if first == last else (first, last)
+    index = args.slice if args.slice is not None else getattr(prompts, "index", None)
+    return prompts_on_slice(prompts, volume, plane, index=index), slice_range
 
 
 def cmd_segment(args, propagate_default: bool = False) -> int:
     import numpy as np
 
     from SlicerSAM.reports import write_json
-    from SlicerSAM.volume import load_volume
 
     _check_outputs([args.output, args.json], args.overwrite)
     t0 = time.perf_counter()
-    volume = load_volume(args.image)
+    volume = _load_image(args)
+    slice_prompts, slice_range = _key_slice_prompts(args, volume)
     segmenter = _load_segmenter(args, volume)
-    index, result, slice_range = _segment_prompts(args, volume, segmenter)
+    index = slice_prompts.index
+    result = segmenter.segment(index, slice_prompts)
     grids = {index: result.mask}
     stop_reasons = {}
     if args.propagate or propagate_default:
@@ -262,7 +295,7 @@ def _propagate_from_mask(args) -> int:
 
     _check_outputs([args.output, args.json], args.overwrite)
     t0 = time.perf_counter()
-    volume = load_volume(args.image)
+    volume = _load_image(args)
     seed = load_volume(args.mask)
     if seed.shape != volume.shape:
         raise SlicerSAMError(
@@ -321,12 +354,17 @@ def cmd_evaluate(args) -> int:
             f"({pred.shape} vs {ref.shape}); resample the prediction first"
         )
     names = _read_label_names(args.labels)
+    pred_labels, ref_labels = np.asarray(pred.array), np.asarray(ref.array)
+    # Only structures present in the prediction or the reference: a label file may name
+    # a hundred classes, and "both empty" would report a meaningless perfect score.
+    present = sorted(int(v) for v in np.union1d(np.unique(pred_labels), np.unique(ref_labels)))
     results = evaluate_labels(
-        np.asarray(pred.array),
-        np.asarray(ref.array),
+        pred_labels,
+        ref_labels,
         ref.spacing,
         names or {},
         tolerance_mm=args.tolerance,
+        labels=[v for v in present if v != 0],
     )
     _print_table(results)
     if args.json:
@@ -343,6 +381,7 @@ def cmd_benchmark(args) -> int:
     from SlicerSAM import benchmark
     from SlicerSAM.intensity import parse_intensity
 
+    args.axis = args.axis or "axial"
     intensity = parse_intensity(args.window)
     names = _read_label_names(args.labels)
     if args.dataset:
@@ -371,7 +410,7 @@ def cmd_benchmark(args) -> int:
     _check_outputs([args.json, args.csv, args.output], args.overwrite)
     from SlicerSAM.volume import load_volume
 
-    image = load_volume(args.image)
+    image = _load_image(args)
     reference = load_volume(args.reference)
     model = _load_model(args)
     result = benchmark.run_benchmark(
@@ -459,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
         _add_model_args(p)
         _add_slice_args(p)
+        _add_volume_args(p)
         p.set_defaults(func=cmd_segment if name == "segment" else cmd_propagate)
 
     p = sub.add_parser("evaluate", help="Dice, IoU, HD95, NSD of a label map against a reference")
@@ -489,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     _add_model_args(p)
     _add_slice_args(p)
+    _add_volume_args(p)
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser(
@@ -506,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-voxels", type=int, default=200)
     _add_model_args(p)
     _add_slice_args(p)
+    _add_volume_args(p)
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -34,13 +34,13 @@ _PALETTE = [
 
 def _load_inputs(args):
     """(image Volume, labels Volume, names, description) from --image/--labels or the phantom."""
-    from SlicerSAM.cli import _read_label_names
+    from SlicerSAM.cli import _load_image, _read_label_names
     from SlicerSAM.volume import load_volume
 
     if args.image:
         if not args.labels:
             raise SlicerSAMError("demo --image needs --labels (a reference label map on its grid)")
-        image = load_volume(args.image)
+        image = _load_image(args)
         labels = load_volume(args.labels)
         if labels.shape != image.shape:
             raise SlicerSAMError(
@@ -80,6 +80,7 @@ def run_demo(args) -> int:
     from SlicerSAM.cli import _print_table, _progress_bar
     from SlicerSAM.intensity import parse_intensity
 
+    args.axis = args.axis or "axial"
     image, labels, names, description = _load_inputs(args)
     intensity = parse_intensity(args.window)
     t0 = time.perf_counter()

@@ -1,0 +1,211 @@
+"""The command line as a user runs it: `python -m SlicerSAM ...`.
+
+Most tests call `cli.main(argv)` in-process (fast); one runs the real `python -m SlicerSAM`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from SlicerSAM.cli import main
+
+CT = "ct-abdomen-3mm/ct.nii.gz"
+LABELS = "ct-abdomen-3mm/labels.nii.gz"
+
+
+def _liver_label(shared_data) -> int:
+    names = json.loads((shared_data / "ct-abdomen-3mm/labels.json").read_text())
+    return next(int(k) for k, v in names.items() if v == "liver")
+
+
+def _roi_markups(path, center, size):
+    """A Slicer ROI markups file (RAS) with the given centre and size in mm."""
+    doc = {
+        "@schema": "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/"
+        "Markups/Resources/Schema/markups-schema-v1.0.3.json#",
+        "markups": [
+            {
+                "type": "ROI",
+                "coordinateSystem": "RAS",
+                "coordinateUnits": "mm",
+                "roiType": "Box",
+                "center": [float(c) for c in center],
+                "size": [float(s) for s in size],
+                "orientation": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
+                "controlPoints": [],
+            }
+        ],
+    }
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _liver_roi(shared_data, tmp_path, slab_slices: int):
+    """ROI around the liver on its largest axial slice, `slab_slices` slices thick."""
+    img = nib.load(str(shared_data / LABELS))
+    labels = np.asarray(img.dataobj)
+    liver = labels == _liver_label(shared_data)
+    k = int(np.argmax(liver.sum(axis=(0, 1))))
+    ii, jj = np.nonzero(liver[:, :, k])
+    lo = img.affine @ [ii.min() - 0.5, jj.min() - 0.5, k, 1]
+    hi = img.affine @ [ii.max() + 0.5, jj.max() + 0.5, k, 1]
+    spacing_k = float(np.linalg.norm(img.affine[:3, 2]))
+    center = (lo[:3] + hi[:3]) / 2
+    size = np.abs(hi[:3] - lo[:3])
+    size[2] = spacing_k * slab_slices
+    return _roi_markups(tmp_path / "liver.mrk.json", center, size), liver, k
+
+
+def test_python_dash_m_shows_every_command():
+    out = subprocess.run(
+        [sys.executable, "-m", "SlicerSAM", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for command in ("segment", "propagate", "evaluate", "benchmark", "models", "demo"):
+        assert command in out
+
+
+def test_models_lists_the_default_first_class(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "* litemedsam" in out
+    for name in ("sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b"):
+        assert name in out
+
+
+def test_missing_image_is_a_clear_error(tmp_path, capsys):
+    code = main(
+        [
+            "segment",
+            str(tmp_path / "nope.nii.gz"),
+            "--prompts",
+            str(tmp_path / "p.json"),
+            "--output",
+            str(tmp_path / "out.nii.gz"),
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "nope.nii.gz" in err
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_existing_output_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "out.nii.gz"
+    out.write_bytes(b"keep me")
+    code = main(
+        ["segment", str(tmp_path / "x.nii.gz"), "--prompts", "p.json", "--output", str(out)]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "exists" in err and "overwrite" in err
+    assert out.read_bytes() == b"keep me"
+
+
+def test_evaluate_reference_against_itself(shared_data, tmp_path, capsys):
+    ref = shared_data / LABELS
+    out_json = tmp_path / "eval.json"
+    code = main(
+        [
+            "evaluate",
+            str(ref),
+            str(ref),
+            "--labels",
+            str(shared_data / "ct-abdomen-3mm/labels.json"),
+            "--json",
+            str(out_json),
+        ]
+    )
+    assert code == 0
+    result = json.loads(out_json.read_text())["structures"]
+    assert result["liver"]["dice"] == 1.0
+    assert result["liver"]["hd95_mm"] == 0.0
+    assert "liver" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_segment_from_slicer_roi_writes_a_seg_nrrd(shared_data, litemedsam_checkpoint, tmp_path):
+    import slicerio
+
+    roi, liver, k = _liver_roi(shared_data, tmp_path, slab_slices=1)
+    out = tmp_path / "liver.seg.nrrd"
+    info = tmp_path / "info.json"
+    code = main(
+        [
+            "segment",
+            str(shared_data / CT),
+            "--prompts",
+            str(roi),
+            "--output",
+            str(out),
+            "--json",
+            str(info),
+            "--name",
+            "liver",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    seg = slicerio.read_segmentation(str(out))
+    assert [s["name"] for s in seg["segments"]] == ["liver"]
+    # slicerio gives the voxels as (i, j, k) like nibabel's array for this file
+    mask = np.asarray(seg["voxels"]) > 0
+    assert mask.shape == liver.shape
+    assert np.nonzero(mask.any(axis=(0, 1)))[0].tolist() == [k]
+    inter = np.logical_and(mask[:, :, k], liver[:, :, k]).sum()
+    dice = 2 * inter / (mask[:, :, k].sum() + liver[:, :, k].sum())
+    assert dice > 0.85
+    timing = json.loads(info.read_text())["timing"]
+    assert timing["slices_encoded"] == 1
+    assert {"encode_ms_per_slice", "decode_ms_per_prompt", "wall_s", "peak_rss_mb"} <= set(timing)
+
+
+@pytest.mark.slow
+def test_segment_propagates_within_a_3d_roi(shared_data, litemedsam_checkpoint, tmp_path):
+    roi, liver, k = _liver_roi(shared_data, tmp_path, slab_slices=7)
+    out = tmp_path / "liver.nii.gz"
+    code = main(
+        [
+            "segment",
+            str(shared_data / CT),
+            "--prompts",
+            str(roi),
+            "--propagate",
+            "--output",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    mask = np.asarray(nib.load(str(out)).dataobj) > 0
+    slices = np.nonzero(mask.any(axis=(0, 1)))[0]
+    # the ROI is 7 slices thick around k: propagation stays inside it
+    assert slices.min() >= k - 3 and slices.max() <= k + 3
+    assert len(slices) >= 5
+    inter = np.logical_and(mask, liver)[:, :, slices].sum()
+    dice = 2 * inter / (mask[:, :, slices].sum() + liver[:, :, slices].sum())
+    assert dice > 0.8
+
+
+def test_prompt_outside_the_volume_fails_without_output(shared_data, tmp_path, capsys):
+    prompts = tmp_path / "far.json"
+    prompts.write_text(
+        json.dumps({"frame": "ras", "points": [{"position": [5000, 0, 0], "positive": True}]})
+    )
+    out = tmp_path / "out.nii.gz"
+    code = main(["segment", str(shared_data / CT), "--prompts", str(prompts), "--output", str(out)])
+    assert code == 2
+    assert "outside" in capsys.readouterr().err.lower()
+    assert not out.exists()
