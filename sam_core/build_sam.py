@@ -33,6 +33,9 @@ PROMPT_EMBED_DIM = 256
 EMBEDDING_SIZE = 64  # side of the image embedding for every supported model
 SAM_PREPROCESSING = Preprocessing(img_size=1024, normalization="imagenet")
 LITEMEDSAM_PREPROCESSING = Preprocessing(img_size=256, normalization="minmax")
+# MedSAM (ViT-B fine-tuned on medical images) was trained on 1024-px images min-max normalised to
+# [0, 1] (MedSAM_Inference.py in bowang-lab/MedSAM), not on SAM's ImageNet mean/std.
+MEDSAM_PREPROCESSING = Preprocessing(img_size=1024, normalization="minmax")
 
 # ViT-B/L/H: (width, depth, heads, blocks with global attention), as released by Meta.
 _VIT_CONFIGS = {
@@ -54,8 +57,14 @@ def build_sam_vit_l(checkpoint: Optional[PathLike] = None) -> Sam:
 
 
 def build_sam_vit_b(checkpoint: Optional[PathLike] = None) -> Sam:
-    """SAM ViT-B (MedSAM too); ``checkpoint``: ``sam_vit_b_01ec64.pth``, ``medsam_vit_b.pth``."""
+    """SAM ViT-B; ``checkpoint`` e.g. ``sam_vit_b_01ec64.pth``."""
     return _build_vit_sam("vit_b", checkpoint)
+
+
+def build_medsam(checkpoint: Optional[PathLike] = None) -> Sam:
+    """MedSAM: SAM ViT-B weights fine-tuned on medical images, min-max normalised input;
+    ``checkpoint`` e.g. ``medsam_vit_b.pth``."""
+    return _build_vit_sam("vit_b", checkpoint, MEDSAM_PREPROCESSING)
 
 
 def build_litemedsam(checkpoint: Optional[PathLike] = None) -> Sam:
@@ -88,6 +97,7 @@ sam_model_registry: Dict[str, Callable[..., Sam]] = {
     "vit_l": build_sam_vit_l,
     "vit_b": build_sam_vit_b,
     "litemedsam": build_litemedsam,
+    "medsam": build_medsam,
 }
 
 
@@ -118,11 +128,13 @@ def _vit_encoder(
     )
 
 
-def _build_vit_sam(arch: str, checkpoint: Optional[PathLike]) -> Sam:
+def _build_vit_sam(
+    arch: str, checkpoint: Optional[PathLike], preprocessing: Preprocessing = SAM_PREPROCESSING
+) -> Sam:
     return _assemble(
         arch,
-        image_encoder=partial(vit_image_encoder, arch, SAM_PREPROCESSING.img_size),
-        preprocessing=SAM_PREPROCESSING,
+        image_encoder=partial(vit_image_encoder, arch, preprocessing.img_size),
+        preprocessing=preprocessing,
         checkpoint=checkpoint,
     )
 

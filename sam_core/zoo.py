@@ -84,7 +84,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     ),
     "medsam_vit_b": ModelSpec(
         name="medsam_vit_b",
-        architecture="vit_b",
+        architecture="medsam",
         description=(
             "MedSAM ViT-B: SAM ViT-B fine-tuned on 1.5M medical image-mask pairs, 1024 input"
         ),

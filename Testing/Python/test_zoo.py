@@ -238,3 +238,20 @@ def test_load_model_unavailable_device(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="not available"):
         load_model("litemedsam", device="cuda")
+
+
+def test_each_model_carries_the_preprocessing_it_was_trained_with():
+    from sam_core.build_sam import sam_model_registry
+
+    expected = {
+        "litemedsam": (256, "minmax"),
+        "medsam_vit_b": (1024, "minmax"),  # MedSAM_Inference.py: 1024 px, min-max to [0, 1]
+        "sam_vit_b": (1024, "imagenet"),
+        "sam_vit_l": (1024, "imagenet"),
+        "sam_vit_h": (1024, "imagenet"),
+    }
+    for name, (size, norm) in expected.items():
+        builder = sam_model_registry[MODEL_SPECS[name].architecture]
+        with torch.device("meta"):
+            sam = builder()
+        assert (sam.preprocessing.img_size, sam.preprocessing.normalization) == (size, norm), name
