@@ -430,5 +430,6 @@ def overlay_montage(
     fig.suptitle(
         title or "Reference (green, solid) vs prediction (red, dashed) contours", fontsize=11
     )
-    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
+    # explicit spacing: tight_layout let fixed-aspect rows overlap and hide the lower captions
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.9, bottom=0.08, wspace=0.05, hspace=0.18)
     return _save(fig, path)
