@@ -274,7 +274,7 @@ def test_importing_sam_core_is_lazy():
         "assert sam_core.Sam.__name__ == 'Sam'\n"
         "assert sam_core.TinyViT.__module__ == 'sam_core.tiny_vit'\n"
         "assert set(sam_core.sam_model_registry) == "
-        "{'vit_b', 'vit_l', 'vit_h', 'litemedsam', 'default'}\n"
+        "{'vit_b', 'vit_l', 'vit_h', 'litemedsam', 'medsam', 'default'}\n"
         "assert sam_core.sam_model_registry['default'] is sam_core.sam_model_registry['vit_h']\n"
         "assert 'load_model' in dir(sam_core)\n"
     )
