@@ -1,0 +1,396 @@
+"""Propagation from key slices: stop rules, gap filling, re-runs, laziness, cancellation.
+
+The segmenter here is a fake with the Segmenter interface (``plane``, ``volume``,
+``segment(index, SlicePrompts, multimask) -> SliceResult``): it "segments" whatever reference
+structure lies inside the prompt box, which behaves like a box-prompted SAM that happily follows a
+box onto a neighbouring structure: exactly the leak that the stop rules must catch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from SlicerSAM.errors import Cancelled, PromptError
+from SlicerSAM.prompts import SlicePrompts
+from SlicerSAM.propagation import (
+    NO_STOP,
+    STRATEGIES,
+    PropagationStrategy,
+    StopRules,
+    box_of_mask,
+    interior_point,
+    propagate,
+)
+from SlicerSAM.segmenter import SliceResult
+from SlicerSAM.slicing import plane_for
+from SlicerSAM.volume import Volume
+
+SHAPE = (30, 48, 56)  # (K, J, I)
+
+
+def _volume(labels: np.ndarray, hu=None) -> Volume:
+    """A CT-like volume: 3 mm voxels, RAS-aligned, intensities from the labels."""
+    hu = hu or {0: -80.0, 1: 60.0, 2: 300.0}
+    array = np.zeros(labels.shape, dtype=np.int16)
+    for value, level in hu.items():
+        array[labels == value] = level
+    rng = np.random.default_rng(0)
+    array = array + rng.normal(0, 5, labels.shape).astype(np.int16)
+    return Volume(array, np.diag([3.0, 3.0, 3.0, 1.0]))
+
+
+def organ_labels(first=8, last=19, neighbour=True) -> np.ndarray:
+    """Label 1: an ellipsoid-ish organ on slices first..last whose cross-section grows then shrinks
+    (radius 4..9 px); label 2: a long cylinder right next to it on every slice (a vertebral
+    column beside a kidney)."""
+    labels = np.zeros(SHAPE, dtype=np.uint8)
+    jj, ii = np.mgrid[: SHAPE[1], : SHAPE[2]]
+    middle = (first + last) / 2.0
+    half = (last - first) / 2.0 + 0.5
+    for k in range(first, last + 1):
+        radius = 4.0 + 5.0 * np.sqrt(max(0.0, 1.0 - ((k - middle) / half) ** 2))
+        labels[k][(jj - 24) ** 2 + (ii - 22) ** 2 <= radius**2] = 1
+    if neighbour:
+        for k in range(SHAPE[0]):
+            labels[k][((jj - 24) ** 2 + (ii - 38) ** 2 <= 5.5**2) & (labels[k] == 0)] = 2
+    return labels
+
+
+class FakeSegmenter:
+    """Box -> every labelled voxel of the slice whose centre lies inside the box; a point -> the
+    connected structure under it. Records encodes and calls."""
+
+    def __init__(self, labels: np.ndarray, volume: Volume = None, iou=0.9):
+        self.labels = labels
+        self.volume = volume if volume is not None else _volume(labels)
+        self.plane = plane_for(self.volume, "axial")
+        self.encoded = []
+        self.calls = []
+        self.iou = iou
+        self.model_name = "fake"
+        self.device = "cpu"
+
+    def embedding(self, index):
+        if index not in self.encoded:
+            self.encoded.append(index)
+        return index
+
+    def timing(self):
+        return {
+            "slices_encoded": len(self.encoded),
+            "encode_ms_per_slice": 0.0,
+            "decode_ms_per_prompt": 0.0,
+        }
+
+    def segment(self, index, prompts: SlicePrompts, multimask=None):
+        assert isinstance(prompts, SlicePrompts) and prompts.index == index
+        self.embedding(index)
+        self.calls.append(index)
+        grid = np.asarray(self.plane.grid(self.labels, index))
+        rows, cols = grid.shape
+        yy, xx = np.mgrid[:rows, :cols]  # square pixels: model image == grid
+        mask = grid > 0
+        if prompts.box_xyxy is not None:
+            x0, y0, x1, y1 = prompts.box_xyxy
+            mask = mask & (xx >= x0) & (xx <= x1) & (yy >= y0) & (yy <= y1)
+        if prompts.points_xy is not None:
+            from scipy import ndimage
+
+            comp, _ = ndimage.label(grid > 0)
+            x, y = np.round(prompts.points_xy[0]).astype(int)
+            mask = mask & (comp == comp[y, x]) if comp[y, x] else np.zeros_like(mask)
+        iou = self.iou(index) if callable(self.iou) else self.iou
+        return SliceResult(
+            index=index,
+            masks=mask[None],
+            iou=np.array([iou if mask.any() else 0.1], dtype=np.float32),
+            best=0,
+            low_res_logits=np.zeros((1, 256, 256), dtype=np.float32),
+        )
+
+
+class ScriptedSegmenter(FakeSegmenter):
+    """Returns a given mask per slice, whatever the prompt."""
+
+    def __init__(self, masks: dict, labels: np.ndarray):
+        super().__init__(labels)
+        self.masks = masks
+
+    def segment(self, index, prompts, multimask=None):
+        self.embedding(index)
+        self.calls.append(index)
+        mask = self.masks.get(index, np.zeros(self.plane.grid_shape, dtype=bool))
+        return SliceResult(index, mask[None], np.array([0.9]), 0, np.zeros((1, 256, 256)))
+
+
+def _grid(labels, k, value=1):
+    return np.asarray(plane_for(_volume(labels)).grid(labels == value, k)).copy()
+
+
+def _key_prompt(seg, labels, k):
+    return SlicePrompts(k, box_xyxy=box_of_mask(seg.plane, _grid(labels, k)))
+
+
+# ----------------------------------------------------------------------------------------------
+def test_propagation_stops_when_overlap_drops():
+    labels = organ_labels(neighbour=False)
+    plane = plane_for(_volume(labels))
+    disc = _grid(labels, 14)
+    moved = np.roll(disc, 12, axis=1)  # same size, no overlap with the previous slice
+    masks = {k: disc for k in range(10, 17)}
+    masks.update({k: moved for k in range(17, 30)})
+    seg = ScriptedSegmenter(masks, labels)
+    rules = StopRules(min_overlap=0.5, min_iou=None, min_area_fraction=None, patience=1)
+    result = propagate(seg, {14: disc}, direction="up", stop=rules)
+    assert result.stop_reasons == {"up": "overlap"}
+    assert sorted(result.masks) == [14, 15, 16]  # slice 17 failed and was dropped
+    # the key slice is decoded only to calibrate the margin; the walk visits 15, 16, 17
+    assert seg.calls[-3:] == [15, 16, 17] and set(seg.calls[:-3]) == {14}
+    assert plane.num_slices == SHAPE[0]
+
+
+def test_hysteresis_keeps_a_single_bad_slice_and_drops_confirmed_failures():
+    labels = organ_labels(neighbour=False)
+    disc = _grid(labels, 14)
+    moved = np.roll(disc, 12, axis=1)
+    masks = {k: disc for k in range(10, 30)}
+    masks[17] = moved  # one outlier slice: kept with patience 2
+    seg = ScriptedSegmenter(masks, labels)
+    rules = StopRules(min_overlap=0.5, min_iou=None, min_area_fraction=None, patience=2)
+    # 17 fails (no overlap with 16), 18 fails (no overlap with 17): two in a row -> stop, drop both
+    result = propagate(seg, {14: disc}, direction="up", stop=rules)
+    assert result.stop_reasons["up"] == "overlap"
+    assert max(result.masks) == 16
+    # an outlier whose successor overlaps it again is kept
+    masks2 = {k: disc for k in range(10, 30)}
+    masks2[17] = np.roll(disc, 3, axis=1)  # Dice with 16 below 0.7, 18 overlaps it above 0.7
+    seg2 = ScriptedSegmenter(masks2, labels)
+    rules2 = StopRules(min_overlap=0.7, min_iou=None, min_area_fraction=None, patience=2)
+    result2 = propagate(seg2, {14: disc}, direction="up", stop=rules2, slice_range=(0, 20))
+    assert 17 in result2.masks and 20 in result2.masks
+    assert result2.stop_reasons["up"] == "end"
+
+
+def test_propagation_does_not_leak_past_the_end_of_a_synthetic_organ():
+    labels = organ_labels(first=8, last=19)
+    seg = FakeSegmenter(labels)
+    result = propagate(seg, {14: _key_prompt(seg, labels, 14)})
+    assert min(result.masks) == 8 and max(result.masks) == 19, sorted(result.masks)
+    for k, mask in result.masks.items():
+        assert not (mask & (_grid(labels, k, 2))).any(), f"slice {k} leaked into the neighbour"
+        truth = _grid(labels, k)
+        # the intensity-guided box may miss a noisy border pixel: near-exact, not exact
+        assert 2 * (mask & truth).sum() / (mask.sum() + truth.sum()) > 0.97
+    assert result.stop_reasons["up"] != "end" and result.stop_reasons["down"] != "end"
+    # it looked at most patience (2) slices past each end
+    assert max(seg.encoded) <= 21 and min(seg.encoded) >= 6
+
+
+def test_without_stop_rules_the_fake_model_leaks():
+    """The leak test above is not vacuous: with the rules off the fake does walk onto the
+    neighbour (a box from a tiny organ tip that touches it)."""
+    labels = organ_labels(first=8, last=19)
+    labels[20][
+        (labels[20] == 0)
+        & (np.abs(np.mgrid[:48, :56][1] - 30) < 6)
+        & (np.abs(np.mgrid[:48, :56][0] - 24) < 3)
+    ] = 2
+    seg = FakeSegmenter(labels)
+    strategy = PropagationStrategy(margin=3.0, grow_radius=0.0)
+    result = propagate(seg, {14: _key_prompt(seg, labels, 14)}, strategy=strategy, stop=NO_STOP)
+    assert max(result.masks) > 19
+
+
+def test_gaps_between_two_key_slices_are_filled_from_both_ends():
+    labels = organ_labels(first=5, last=24)
+    seg = FakeSegmenter(labels)
+    keys = {8: _grid(labels, 8), 20: _grid(labels, 20)}
+    result = propagate(seg, keys)
+    for k in range(5, 25):
+        assert k in result.masks
+        np.testing.assert_array_equal(result.masks[k], _grid(labels, k))
+    assert result.stop_reasons["8-20 up"] == "met"
+    assert result.stop_reasons["8-20 down"] == "met"
+    gap_visits = [k for k in result.visited if 8 < k < 20]
+    # each side covers its half: 9..14 from below, 15..19 from above, nothing twice
+    assert sorted(gap_visits) == list(range(9, 20))
+    assert gap_visits.index(9) < gap_visits.index(14) and gap_visits.index(19) < gap_visits.index(
+        15
+    )
+
+
+def test_gap_walk_continues_past_the_middle_when_the_other_side_stops():
+    labels = organ_labels(first=5, last=24, neighbour=False)
+    lower = labels.copy()
+    lower[10:14] = 0  # the structure is absent on 10..13: the lower key's walk stops at once
+    seg = FakeSegmenter(lower)
+    keys = {8: _grid(lower, 8), 20: _grid(lower, 20)}
+    result = propagate(seg, keys)
+    assert result.stop_reasons["8-20 up"] in ("empty", "area", "iou")
+    for k in range(14, 20):  # the walk from 20 goes past the middle (14) down to 14
+        assert k in result.masks
+
+
+def test_rerun_from_a_corrected_slice_recomputes_only_the_affected_part():
+    labels = organ_labels(first=3, last=26)
+    seg = FakeSegmenter(labels)
+    keys = {8: _grid(labels, 8), 14: _grid(labels, 14), 20: _grid(labels, 20)}
+    first = propagate(seg, keys)
+    assert min(first.masks) == 3 and max(first.masks) == 26
+    corrected = _grid(labels, 20).copy()
+    cols = np.flatnonzero(corrected.any(axis=0))
+    corrected[:, : cols[len(cols) // 2]] = False  # the user trimmed slice 20
+    assert corrected.any() and not np.array_equal(corrected, first.masks[20])
+    seg.calls.clear()
+    seg.encoded.clear()
+    again = propagate(seg, {**keys, 20: corrected}, existing=first.masks)
+    # only the gap 14-20 and the extension above 20 were visited (key 14 itself is decoded to
+    # calibrate the walk that starts there); nothing below 14
+    assert min(again.visited) == 14, again.visited
+    assert set(again.visited) >= {19, 21}
+    for k in range(3, 15):
+        np.testing.assert_array_equal(again.masks[k], first.masks[k])
+    np.testing.assert_array_equal(again.masks[20], corrected)
+    # nothing changed: nothing is recomputed
+    seg.calls.clear()
+    same = propagate(seg, {**keys, 20: corrected}, existing=again.masks)
+    assert same.visited == [] and seg.calls == []
+    assert sorted(same.masks) == sorted(again.masks)
+
+
+def test_cancellation_raises_cancelled_and_returns_nothing():
+    labels = organ_labels()
+    seg = FakeSegmenter(labels)
+    calls = {"n": 0}
+
+    def cancel():
+        calls["n"] += 1
+        return calls["n"] > 4
+
+    with pytest.raises(Cancelled):
+        propagate(seg, {14: _grid(labels, 14)}, cancel=cancel)
+    # cancelled before anything: no slice touched
+    seg2 = FakeSegmenter(labels)
+    with pytest.raises(Cancelled):
+        propagate(seg2, {14: _grid(labels, 14)}, cancel=lambda: True)
+    assert seg2.calls == [] and seg2.encoded == []
+
+
+def test_only_visited_slices_are_encoded():
+    labels = organ_labels(first=8, last=19)
+    seg = FakeSegmenter(labels)
+    result = propagate(seg, {14: _key_prompt(seg, labels, 14)})
+    assert sorted(seg.encoded) == sorted(set(result.visited))
+    assert len(seg.encoded) < SHAPE[0] // 2 + 2  # far from all 30 slices
+    assert 0 not in seg.encoded and SHAPE[0] - 1 not in seg.encoded
+
+
+def test_progress_is_reported_and_ends_complete():
+    labels = organ_labels()
+    seg = FakeSegmenter(labels)
+    seen = []
+    propagate(seg, {14: _grid(labels, 14)}, progress=lambda d, t, m: seen.append((d, t)))
+    assert seen and seen[-1][0] == seen[-1][1]
+    assert all(0 <= d <= t for d, t in seen)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_direction_slice_range_and_max_slices():
+    labels = organ_labels(first=2, last=27, neighbour=False)
+    seg = FakeSegmenter(labels)
+    key = {14: _grid(labels, 14)}
+    up = propagate(seg, key, direction="up", stop=NO_STOP)
+    assert min(up.masks) == 14 and max(up.masks) == 27 and "down" not in up.stop_reasons
+    down = propagate(seg, key, direction="down", stop=NO_STOP)
+    assert max(down.masks) == 14 and min(down.masks) == 2
+    ranged = propagate(seg, key, slice_range=(10, 17))
+    assert sorted(ranged.masks) == list(range(10, 18))
+    assert ranged.stop_reasons == {"down": "end", "up": "end"}
+    assert all(10 <= k <= 17 for k in ranged.visited)
+    limited = propagate(seg, key, stop=StopRules(max_slices=3))
+    assert sorted(limited.masks) == list(range(11, 18))
+    assert limited.stop_reasons == {"down": "max_slices", "up": "max_slices"}
+
+
+def test_vanishing_area_and_low_iou_stop_the_walk():
+    labels = organ_labels(first=2, last=27, neighbour=False)
+    seg = FakeSegmenter(labels, iou=lambda k: 0.9 if k < 20 else 0.3)
+    result = propagate(seg, {14: _grid(labels, 14)}, direction="up")
+    assert max(result.masks) == 19 and result.stop_reasons["up"] == "iou"
+    shrinking = organ_labels(first=2, last=27, neighbour=False)
+    shrinking[22:] = 0
+    shrinking[22][24, 22] = 1  # a one-pixel tip: below min_pixels
+    seg2 = FakeSegmenter(shrinking)
+    result2 = propagate(seg2, {14: _grid(shrinking, 14)}, direction="up")
+    assert max(result2.masks) == 21
+
+
+def test_box_calibration_reads_the_models_shrink_off_the_key_box():
+    labels = organ_labels(first=2, last=27, neighbour=False)
+    seg = FakeSegmenter(labels)
+    truth = _grid(labels, 14)
+    box = box_of_mask(seg.plane, truth)
+    # a user box 2 px larger than the organ on every side: the fake returns the organ, which
+    # "falls short" of the box by 2 px; the calibrated margin must then be +2 on every side
+    big = SlicePrompts(14, box_xyxy=box + np.array([-2, -2, 2, 2], dtype=np.float32))
+    prompts_seen = []
+    original = seg.segment
+
+    def spy(index, prompts, multimask=None):
+        prompts_seen.append((index, prompts.box_xyxy.copy()))
+        return original(index, prompts, multimask)
+
+    seg.segment = spy
+    propagate(seg, {14: big}, direction="up", slice_range=(14, 15))
+    (_, key_box), (_, next_box) = prompts_seen
+    tight_15 = box_of_mask(seg.plane, _grid(labels, 15))
+    np.testing.assert_allclose(next_box, tight_15 + np.array([-2, -2, 2, 2]), atol=1e-4)
+
+
+def test_propagation_is_deterministic():
+    labels = organ_labels()
+    a = propagate(FakeSegmenter(labels), {14: _grid(labels, 14)})
+    b = propagate(FakeSegmenter(labels), {14: _grid(labels, 14)})
+    assert a.visited == b.visited and a.stop_reasons == b.stop_reasons
+    assert all(np.array_equal(a.masks[k], b.masks[k]) for k in a.masks)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_named_strategy_runs(name):
+    labels = organ_labels(neighbour=False)
+    seg = FakeSegmenter(labels)
+    key = _key_prompt(seg, labels, 14) if STRATEGIES[name].box else _grid(labels, 14)
+    result = propagate(seg, {14: key}, strategy=name, slice_range=(11, 17))
+    assert 14 in result.masks and len(result.masks) >= 3
+
+
+def test_bad_inputs_are_clear_errors():
+    labels = organ_labels()
+    seg = FakeSegmenter(labels)
+    with pytest.raises(PromptError, match="at least one key"):
+        propagate(seg, {})
+    with pytest.raises(PromptError, match="outside the volume"):
+        propagate(seg, {40: _grid(labels, 14)})
+    with pytest.raises(PromptError, match="empty"):
+        propagate(seg, {3: np.zeros(seg.plane.grid_shape, dtype=bool)})
+    with pytest.raises(PromptError, match="grid"):
+        propagate(seg, {14: np.ones((3, 3), dtype=bool)})
+    with pytest.raises(ValueError, match="direction"):
+        propagate(seg, {14: _grid(labels, 14)}, direction="sideways")
+    with pytest.raises(ValueError, match="strategy"):
+        propagate(seg, {14: _grid(labels, 14)}, strategy="magic")
+    with pytest.raises(PromptError, match="slice range"):
+        propagate(seg, {14: _grid(labels, 14)}, slice_range=(0, 5))
+
+
+def test_box_of_mask_uses_pixel_edges_and_interior_point_is_the_distance_maximum():
+    labels = organ_labels(neighbour=False)
+    plane = plane_for(_volume(labels))
+    mask = np.zeros(plane.grid_shape, dtype=bool)
+    mask[10:15, 20:31] = True  # rows 10..14, cols 20..30
+    np.testing.assert_allclose(box_of_mask(plane, mask), [19.5, 9.5, 30.5, 14.5])
+    np.testing.assert_allclose(box_of_mask(plane, mask, margin=1), [18.5, 8.5, 31.5, 15.5])
+    assert box_of_mask(plane, np.zeros_like(mask)) is None
+    x, y = interior_point(mask)
+    assert (x, y) == (25.0, 12.0)
