@@ -243,10 +243,14 @@ def cmd_segment(args, propagate_default: bool = False) -> int:
     if args.propagate or propagate_default:
         from SlicerSAM.propagation import propagate
 
+        # The key goes in as prompts, not as the mask: with a box, propagation then calibrates
+        # its per-side box margins on the key slice (docs/propagation.md). A 3D ROI also bounds
+        # every box in-plane.
         prop = propagate(
             segmenter,
-            {index: result},
+            {index: slice_prompts},
             slice_range=slice_range,
+            bounds_xyxy=slice_prompts.box_xyxy if slice_range is not None else None,
             progress=_progress_bar("propagate"),
         )
         grids = prop.masks
