@@ -6,13 +6,31 @@ Parameter names follow the official checkpoints (``iou_token``, ``mask_tokens``,
 
 from __future__ import annotations
 
-from typing import Tuple, Type
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .common import LayerNorm2d
+from .optimize import DerivedCache, gelu_, use_fast_path
+from .transformer import ImageProjections
+
+
+@dataclass(frozen=True, eq=False)
+class DecoderImageCache:
+    """Per-image decoder inputs that do not depend on the prompt (see
+    :meth:`MaskDecoder.prepare_image`): with no mask prompt the dense embedding is the constant
+    no-mask vector, so ``src = image + no_mask`` and ``src + pe`` are computed once per image."""
+
+    src_tokens: torch.Tensor  # 1 x (h*w) x C: image embedding + dense prompt embedding
+    pe_tokens: torch.Tensor  # 1 x (h*w) x C: dense positional encoding
+    src_pe_tokens: torch.Tensor  # src_tokens + pe_tokens
+    size: Tuple[int, int]  # (h, w) of the embedding grid
+    # The first two-way block's projections of src (MaskDecoder.project_first_layer), or None.
+    first_layer: Optional[ImageProjections] = None
 
 
 class MaskDecoder(nn.Module):
@@ -64,6 +82,10 @@ class MaskDecoder(nn.Module):
         self.iou_prediction_head = MLP(
             transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
         )
+        self._derived = DerivedCache()
+
+    # Eval-mode fast path switch (see sam_core.optimize.set_fast_paths).
+    fast_path: bool = True
 
     def forward(
         self,
@@ -86,6 +108,9 @@ class MaskDecoder(nn.Module):
         Returns:
             mask logits ``B x M x 4h x 4w`` and predicted IoUs ``B x M`` (M = 3 or 1).
         """
+        if use_fast_path(self):
+            cache = self.prepare_image(image_embeddings, image_pe, dense_prompt_embeddings)
+            return self.forward_cached(cache, sparse_prompt_embeddings, multimask_output)
         masks, iou_pred = self.predict_masks(
             image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
         )
@@ -131,6 +156,169 @@ class MaskDecoder(nn.Module):
         masks = (hyper_in @ upscaled.reshape(b, c_up, h_up * w_up)).reshape(b, -1, h_up, w_up)
         iou_pred = self.iou_prediction_head(iou_token_out)
         return masks, iou_pred
+
+    # -- eval-mode fast path ----------------------------------------------------------------------
+
+    def prepare_image(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        dense_prompt_embeddings: Optional[torch.Tensor] = None,
+    ) -> DecoderImageCache:
+        """The prompt-independent decoder inputs as image tokens.
+
+        Args:
+            image_embeddings: ``B' x C x h x w``.
+            image_pe: ``1 x C x h x w``, or already as tokens ``1 x (h*w) x C`` (callers that
+                prepare many images keep it in that form).
+            dense_prompt_embeddings: ``B' x C x h x w``, a ``1 x C x h x w`` expanded view (the
+                no-mask embedding), or None for no dense prompt (added as is otherwise).
+        """
+        src = image_embeddings
+        if dense_prompt_embeddings is not None:
+            dense = dense_prompt_embeddings
+            if dense.shape[0] != src.shape[0] and dense.stride(0) == 0:
+                dense = dense[:1]  # the same no-mask embedding for every prompt
+            if dense.shape[0] != src.shape[0] and src.shape[0] != 1:
+                raise ValueError(
+                    f"{src.shape[0]} image embeddings for {dense.shape[0]} dense prompts: "
+                    "give one embedding for all prompts or one per prompt"
+                )
+            src = src + dense
+        h, w = src.shape[-2:]
+        src_tokens = src.flatten(2).transpose(1, 2).contiguous()
+        if image_pe.dim() == 3:
+            pe_tokens = image_pe
+        else:
+            pe_tokens = image_pe.flatten(2).transpose(1, 2).contiguous()
+        return DecoderImageCache(src_tokens, pe_tokens, src_tokens + pe_tokens, (int(h), int(w)))
+
+    def project_first_layer(self, cache: DecoderImageCache) -> DecoderImageCache:
+        """``cache`` with the first block's image-side projections added (one image only).
+
+        Costs three image-token projections once (~10 ms on a CPU core) and makes the first
+        block's cross-attentions nearly free on every prompt on this image (~5 ms each).
+        """
+        if cache.first_layer is not None or cache.src_tokens.shape[0] != 1:
+            return cache
+        if not hasattr(self.transformer, "project_first_layer"):
+            return cache
+        projections = self.transformer.project_first_layer(cache.src_tokens, cache.src_pe_tokens)
+        return dataclasses.replace(cache, first_layer=projections)
+
+    def forward_cached(
+        self,
+        cache: DecoderImageCache,
+        sparse_prompt_embeddings: torch.Tensor,
+        multimask_output: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` from a :meth:`prepare_image` result (eval-mode fast path)."""
+        keep = range(1, self.num_mask_tokens) if multimask_output else range(0, 1)
+        return self.predict_masks_tokens(cache, sparse_prompt_embeddings, keep)
+
+    def predict_masks_tokens(
+        self,
+        cache: DecoderImageCache,
+        sparse_prompt_embeddings: torch.Tensor,
+        mask_indices: Sequence[int],
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Masks ``mask_indices`` and their IoUs; the same function as :meth:`predict_masks`.
+
+        Only the hypernetworks of the requested masks run; the up-scaling runs as two matrix
+        products on channels-last tokens (see :meth:`_upscale_tokens`).
+        """
+        n_prompts = sparse_prompt_embeddings.shape[0]
+        n_src = cache.src_tokens.shape[0]
+        if n_src not in (1, n_prompts):
+            raise ValueError(
+                f"{n_src} image embeddings for {n_prompts} prompts: "
+                "give one embedding for all prompts or one per prompt"
+            )
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        output_tokens = output_tokens.to(sparse_prompt_embeddings.dtype)
+        tokens = torch.cat(
+            [output_tokens.unsqueeze(0).expand(n_prompts, -1, -1), sparse_prompt_embeddings], dim=1
+        )
+        src, pe, src_pe = cache.src_tokens, cache.pe_tokens, cache.src_pe_tokens
+        dtype = tokens.dtype
+        first_layer = cache.first_layer
+        if first_layer is not None and first_layer.k_t2i.dtype != dtype:
+            first_layer = ImageProjections(*(t.to(dtype) for t in first_layer))
+        hs, keys = self.transformer.forward_tokens(
+            src.to(dtype), pe.to(dtype), tokens, src_pe.to(dtype), first_layer
+        )
+        if keys.shape[0] != n_prompts:  # only with a transformer of depth 0
+            keys = keys.expand(n_prompts, -1, -1)
+        indices = list(mask_indices)
+        hyper_in = torch.stack(
+            [self.output_hypernetworks_mlps[i](hs[:, 1 + i, :]) for i in indices], dim=1
+        )  # B x M x C/8
+        masks = self._upscale_tokens(keys, hyper_in, cache.size)
+        iou_pred = self.iou_prediction_head(hs[:, 0, :])[:, indices]
+        return masks, iou_pred
+
+    def _upscale_weights(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Both transposed convs as matrices from input channels to (dy, dx, out channel)."""
+        up1, up2 = self.output_upscaling[0], self.output_upscaling[3]
+        sources = (up1.weight, up1.bias, up2.weight, up2.bias)
+
+        def as_matrix(conv: nn.ConvTranspose2d) -> Tuple[torch.Tensor, torch.Tensor]:
+            c_in, c_out, kh, kw = conv.weight.shape
+            weight = conv.weight.permute(0, 2, 3, 1).reshape(c_in, kh * kw * c_out)
+            return weight.contiguous(), conv.bias.repeat(kh * kw)
+
+        return self._derived.get("upscale", sources, lambda: (*as_matrix(up1), *as_matrix(up2)))
+
+    def _upscale_tokens(
+        self, keys: torch.Tensor, hyper_in: torch.Tensor, size: Tuple[int, int]
+    ) -> torch.Tensor:
+        """``output_upscaling`` + hypernetwork product on ``B x (h*w) x C`` tokens.
+
+        A 2 x 2 stride-2 transposed conv maps each input pixel to its own 2 x 2 output block, so
+        it is one matrix product per pixel; keeping the (dy, dx) offsets as extra token axes
+        until the end avoids the pixel shuffles between the layers.
+
+        Returns:
+            ``B x M x 4h x 4w`` mask logits.
+        """
+        up1, norm, act1, up2, act2 = self.output_upscaling
+        ok = (
+            isinstance(up1, nn.ConvTranspose2d)
+            and isinstance(up2, nn.ConvTranspose2d)
+            and up1.kernel_size == up1.stride == (2, 2)
+            and up2.kernel_size == up2.stride == (2, 2)
+            and isinstance(norm, LayerNorm2d)
+        )
+        b, n, c = keys.shape
+        h, w = size
+        if not ok:  # pragma: no cover - every SAM decoder has this layout
+            grid = keys.transpose(1, 2).reshape(b, c, h, w)
+            up = self.output_upscaling(grid)
+            _, c_up, h_up, w_up = up.shape
+            return (hyper_in @ up.reshape(b, c_up, h_up * w_up)).reshape(b, -1, h_up, w_up)
+        w1, b1, w2, b2 = self._upscale_weights()
+        dtype = keys.dtype
+        c1 = up1.out_channels
+        x = torch.addmm(b1.to(dtype), keys.reshape(b * n, c), w1.to(dtype))  # (B N) x (4 C1)
+        x = F.layer_norm(
+            x.reshape(-1, c1), (c1,), norm.weight.to(dtype), norm.bias.to(dtype), norm.eps
+        )
+        x = _activation_(act1, x)
+        c2 = up2.out_channels
+        x = torch.addmm(b2.to(dtype), x, w2.to(dtype))  # (B N 4) x (4 C2)
+        x = _activation_(act2, x).reshape(b, n * 16, c2)
+        m = hyper_in.shape[1]
+        masks = torch.bmm(x, hyper_in.transpose(1, 2).to(dtype))  # B x (N 16) x M
+        # token (i, j, a, b, c, d) is output pixel (4 i + 2 a + c, 4 j + 2 b + d)
+        masks = masks.reshape(b, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
+        return masks.reshape(b, m, 4 * h, 4 * w)
+
+
+def _activation_(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply an activation module, in place for the exact GELU (``x`` owned by the caller)."""
+    if isinstance(act, nn.GELU) and act.approximate == "none":
+        return gelu_(x)
+    return act(x)
 
 
 class MLP(nn.Module):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from sam_core.device import autocast_dtype
+from sam_core.optimize import env_num_threads, intra_op_threads, use_fast_path
 from sam_core.transforms import (
     LOW_RES_SIZE,
     MASK_PROMPT_LOGIT,
@@ -54,17 +55,51 @@ def _autocast(device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-class SamPredictor:
-    """Prompt a SAM-family model (`sam_core.sam.Sam`) on one image at a time."""
+# Intra-op threads for decoding on the CPU. The decoder is ~100 small operations per prompt; with
+# torch's OpenMP threads spinning at every barrier, a core taken by another process (or by our
+# own background prefetch encoding) made a 2-thread decode ~15x slower here (600 ms instead of
+# 40 ms per prompt, docs/benchmarks.md); one thread keeps a click at ~40 ms whatever the load.
+DEFAULT_DECODE_THREADS = 1
 
-    def __init__(self, sam) -> None:
+
+class SamPredictor:
+    """Prompt a SAM-family model (`sam_core.sam.Sam`) on one image at a time.
+
+    Args:
+        sam: the model.
+        encode_threads: intra-op CPU threads for the image encoder (None:
+            ``$SLICERSAM_NUM_THREADS``, else torch's count in the constructing thread, which is
+            the number of physical cores unless changed). Applied per call, in the calling
+            thread only.
+        decode_threads: intra-op CPU threads for prompt decoding (default 1, see
+            ``DEFAULT_DECODE_THREADS``; None: leave torch's setting).
+        cache_image_projections: with the first prompt on an image, also cache the first
+            decoder block's projections of it (pays from the second prompt on that image).
+    """
+
+    def __init__(
+        self,
+        sam,
+        encode_threads: Optional[int] = None,
+        decode_threads: Optional[int] = DEFAULT_DECODE_THREADS,
+        cache_image_projections: bool = True,
+    ) -> None:
         self.model = sam
+        if encode_threads is None:
+            encode_threads = env_num_threads() or torch.get_num_threads()
+        self.encode_threads: Optional[int] = encode_threads
+        self.decode_threads: Optional[int] = decode_threads
         self.preprocessing = sam.preprocessing
         self.mask_threshold = float(getattr(sam, "mask_threshold", 0.0))
         mask_input_size = getattr(sam.prompt_encoder, "mask_input_size", None)
         self.low_res_size = int(mask_input_size[0]) if mask_input_size else LOW_RES_SIZE
         self._dense_pe: Optional[torch.Tensor] = None
+        self._dense_pe_tokens: Optional[tuple] = None
         self._embedding: Optional[ImageEmbedding] = None
+        # (embedding, decoder inputs) for prompts without a mask: built on the first such
+        # prompt, reused by the next ones on the same embedding (see MaskDecoder.prepare_image).
+        self._decoder_cache: Optional[tuple] = None
+        self.cache_image_projections = cache_image_projections
 
     # -- state -------------------------------------------------------------------------------
 
@@ -93,6 +128,7 @@ class SamPredictor:
     def reset_image(self) -> None:
         """Forget the current image."""
         self._embedding = None
+        self._decoder_cache = None
 
     def _require_image(self) -> ImageEmbedding:
         if self._embedding is None:
@@ -100,6 +136,19 @@ class SamPredictor:
                 "No image is set: call set_image(image) or set_embedding(embedding) first."
             )
         return self._embedding
+
+    @staticmethod
+    def _threads(device: torch.device, count: Optional[int]):
+        """Intra-op thread count for a CPU call (no-op on accelerators)."""
+        return intra_op_threads(count if device.type == "cpu" else None)
+
+    def _image_pe_tokens(self, device: torch.device) -> torch.Tensor:
+        """The dense positional encoding as ``1 x (h*w) x C`` tokens, cached like `_image_pe`."""
+        pe = self._image_pe(device)
+        tokens = self._dense_pe_tokens
+        if tokens is None or tokens[0] is not pe:
+            tokens = self._dense_pe_tokens = (pe, pe.flatten(2).transpose(1, 2).contiguous())
+        return tokens[1]
 
     def _image_pe(self, device: torch.device) -> torch.Tensor:
         # The dense positional encoding depends only on the (frozen) prompt encoder: compute it
@@ -110,6 +159,25 @@ class SamPredictor:
                 pe = self.model.prompt_encoder.get_dense_pe().to(device)
             self._dense_pe = pe
         return pe
+
+    def _decoder_inputs(self, emb: ImageEmbedding, device: torch.device):
+        """The decoder's per-image inputs for prompts without a mask, cached per embedding.
+
+        With ``cache_image_projections`` the first decoder block's projections of the image are
+        part of them (built with the first prompt, ~10 ms on a CPU core, then ~5 ms saved on
+        every prompt). Built the same way whatever the history, so a prompt gives the same
+        logits bit for bit on its first and on its tenth try.
+        """
+        cached = self._decoder_cache
+        if cached is not None and cached[0] is emb:
+            return cached[1]
+        decoder = self.model.mask_decoder
+        no_mask = self.model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        inputs = decoder.prepare_image(emb.features, self._image_pe_tokens(device), no_mask)
+        if self.cache_image_projections and hasattr(decoder, "project_first_layer"):
+            inputs = decoder.project_first_layer(inputs)
+        self._decoder_cache = (emb, inputs)
+        return inputs
 
     # -- encoding ----------------------------------------------------------------------------
 
@@ -149,7 +217,7 @@ class SamPredictor:
                 tensors.append(x)
                 sizes.append((input_size, (int(image.shape[0]), int(image.shape[1]))))
             batch = torch.cat(tensors, dim=0)
-            with _autocast(device):
+            with self._threads(device, self.encode_threads), _autocast(device):
                 features = self.model.image_encoder(batch)
             features = features.to(torch.float32)
             for i, (input_size, original_size) in enumerate(sizes):
@@ -177,6 +245,7 @@ class SamPredictor:
                 feats.to(device), embedding.original_size, embedding.input_size
             )
         self._embedding = embedding
+        self._decoder_cache = None
 
     def get_image_embedding(self) -> torch.Tensor:
         """The current image's features, (1, 256, 64, 64)."""
@@ -392,18 +461,25 @@ class SamPredictor:
         """Prompts already in the input frame -> (masks, iou, low-res logits), batched."""
         device = emb.features.device
         points = (coords, labels) if coords is not None else None
-        with _autocast(device):
+        decoder = self.model.mask_decoder
+        with self._threads(device, self.decode_threads), _autocast(device):
             sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=masks)
-            low_res, iou = self.model.mask_decoder(
-                image_embeddings=emb.features,
-                image_pe=self._image_pe(device),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask_output,
+            if masks is None and use_fast_path(decoder) and hasattr(decoder, "forward_cached"):
+                low_res, iou = decoder.forward_cached(
+                    self._decoder_inputs(emb, device), sparse, multimask_output
+                )
+            else:
+                low_res, iou = decoder(
+                    image_embeddings=emb.features,
+                    image_pe=self._image_pe(device),
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=multimask_output,
+                )
+            low_res = low_res.to(torch.float32)
+            # Crop + resize of only the masks asked for (one without multimask_output).
+            logits = postprocess_masks(
+                low_res, emb.input_size, output_size, self.preprocessing.img_size
             )
-        low_res = low_res.to(torch.float32)
-        logits = postprocess_masks(
-            low_res, emb.input_size, output_size, self.preprocessing.img_size
-        )
-        out = logits if return_logits else logits > self.mask_threshold
+            out = logits if return_logits else logits > self.mask_threshold
         return out, iou.to(torch.float32), low_res

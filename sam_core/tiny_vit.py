@@ -23,6 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import LayerNorm2d
+from .optimize import DerivedCache, gelu_, use_fast_path
+
+# Rows per band in the full-resolution stage of the fast path: the 4x expanded activations of a
+# band (34 rows x 256 x 256 channels x 4 bytes, ~9 MB) are reused by the allocator from band to
+# band instead of four 67 MB tensors per block that are page-faulted in on every call (glibc maps
+# blocks over 32 MB afresh each time). 16 to 64 rows measured alike on one core; fewer bands
+# mean fewer parallel regions, which matters when other processes hold cores.
+BAND_ROWS = 32
+# Tokens per chunk in the MLPs of the fast path (same reason: hidden activations <= ~21 MB).
+MLP_CHUNK = 8192
 
 
 class Conv2d_BN(nn.Sequential):  # noqa: N801 - the checkpoint's module layout (c, bn)
@@ -48,17 +58,65 @@ class Conv2d_BN(nn.Sequential):  # noqa: N801 - the checkpoint's module layout (
         nn.init.zeros_(bn.bias)
         self.add_module("bn", bn)
 
+        self._derived = DerivedCache()
+
+    def fused(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The convolution with the (eval-mode) batch norm folded in: ``(weight, bias)``.
+
+        Cached; rebuilt when a parameter or running statistic changes. The checkpoint layout
+        (``c``, ``bn``) is untouched.
+        """
+        conv, bn = self.c, self.bn
+        sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+
+        def build():
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+            return weight.contiguous(), (bn.bias - bn.running_mean * scale).contiguous()
+
+        return self._derived.get("fused", sources, build)
+
+    def fused_linear(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A 1 x 1 Conv-BN as ``F.linear`` weights on channels-last tokens: ``(out x in, out)``."""
+        weight, bias = self.fused()
+        return weight.reshape(weight.shape[0], -1), bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             return super().forward(x)
-        # Inference: fold the batch norm into the convolution (saves a pass over the
-        # activations, ~10 % of the encoder time on CPU); folding the small weights each call
-        # keeps the checkpoint layout untouched.
+        # Eval: the batch norm folded into the convolution (saves a pass over the activations);
+        # folded on the fly when autograd records (the cached weights are detached).
         conv, bn = self.c, self.bn
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        weight = conv.weight * scale.reshape(-1, 1, 1, 1)
-        bias = bn.bias - bn.running_mean * scale
+        if torch.is_grad_enabled():
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+            bias = bn.bias - bn.running_mean * scale
+        else:
+            weight, bias = self.fused()
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval-mode convolution of ``B x H x W x C`` tokens -> ``B x H' x W' x C'``.
+
+        1 x 1 kernels are a matrix product over channels; other kernels run on the
+        channels-last view (oneDNN's NHWC kernels, several times faster than NCHW for depth-wise
+        convolutions), whose output is again a ``B x H' x W' x C'`` contiguous tensor.
+        """
+        conv = self.c
+        if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1:
+            weight, bias = self.fused_linear()
+            return F.linear(x, weight, bias)
+        weight, bias = self.fused()
+        y = F.conv2d(
+            _channels_last_view(x),
+            weight,
+            bias,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+        )
+        return y.permute(0, 2, 3, 1)
 
 
 class PatchEmbed(nn.Module):
@@ -77,6 +135,13 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.seq(x)
+
+    def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:
+        """``B x H x W x C`` -> ``B x H x W x embed_dim`` (eval mode)."""
+        conv1, act, conv2 = self.seq
+        y = conv1.forward_nhwc(x)
+        y = gelu_(y) if isinstance(act, nn.GELU) and act.approximate == "none" else act(y)
+        return conv2.forward_nhwc(y)
 
 
 class MBConv(nn.Module):
@@ -99,6 +164,10 @@ class MBConv(nn.Module):
         y = self.act2(self.conv2(y))
         y = self.conv3(y)
         return self.act3(y + x)
+
+    def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:
+        """``B x H x W x C`` -> same (eval mode), in row bands; see :func:`_banded_bottleneck`."""
+        return _banded_bottleneck(x, self.conv1, self.conv2, self.conv3, residual=True)
 
 
 class PatchMerging(nn.Module):
@@ -131,6 +200,10 @@ class PatchMerging(nn.Module):
         x = self.conv3(x)
         return x.flatten(2).transpose(1, 2)
 
+    def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:
+        """``B x H x W x C`` -> ``B x H' x W' x C'`` (eval mode), in row bands."""
+        return _banded_bottleneck(x, self.conv1, self.conv2, self.conv3, residual=False)
+
 
 class ConvLayer(nn.Module):
     """First stage: MBConv blocks on ``B x C x H x W``, then an optional merging."""
@@ -154,6 +227,11 @@ class ConvLayer(nn.Module):
             x = block(x)
         return self.downsample(x) if self.downsample is not None else x
 
+    def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block.forward_nhwc(x)
+        return self.downsample.forward_nhwc(x) if self.downsample is not None else x
+
 
 class Mlp(nn.Module):
     """LayerNorm, fc1, activation, fc2 (the norm belongs to the MLP in TinyViT)."""
@@ -167,6 +245,17 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(self.norm(x))))
+
+    def add_to_(self, x: torch.Tensor) -> torch.Tensor:
+        """``x += mlp(x)`` in place on ``... x C`` tokens the caller owns, in token chunks."""
+        flat = x.reshape(-1, x.shape[-1])
+        exact_gelu = isinstance(self.act, nn.GELU) and self.act.approximate == "none"
+        for start in range(0, flat.shape[0], MLP_CHUNK):
+            part = flat[start : start + MLP_CHUNK]
+            hidden = self.fc1(self.norm(part))
+            hidden = gelu_(hidden) if exact_gelu else self.act(hidden)
+            part += self.fc2(hidden)
+        return x
 
 
 class Attention(nn.Module):
@@ -199,16 +288,31 @@ class Attention(nn.Module):
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, rows * cols))
         # Gather indices, cached per device (a plain attribute, not a buffer: nothing to load).
         self._bias_index: Dict[torch.device, torch.Tensor] = {}
+        self._derived = DerivedCache()
 
     def _index(self, device: torch.device) -> torch.Tensor:
         index = self._bias_index.get(device)
         if index is None:
             rows, cols = self.resolution
-            ys = torch.arange(rows, device=device).repeat_interleave(cols)
-            xs = torch.arange(cols, device=device).repeat(rows)
-            index = (ys[:, None] - ys[None, :]).abs() * cols + (xs[:, None] - xs[None, :]).abs()
+            # A plain tensor even under inference_mode: training may index with it later.
+            with torch.inference_mode(False):
+                ys = torch.arange(rows, device=device).repeat_interleave(cols)
+                xs = torch.arange(cols, device=device).repeat(rows)
+                index = (ys[:, None] - ys[None, :]).abs() * cols
+                index += (xs[:, None] - xs[None, :]).abs()
             self._bias_index[device] = index
         return index
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """The ``heads x N x N`` attention bias, gathered once per parameter version (eval)."""
+        table = self.attention_biases
+        if self.training or torch.is_grad_enabled():
+            return table[:, self._index(table.device)].to(dtype)
+
+        def build():
+            return table[:, self._index(table.device)].to(dtype).contiguous()
+
+        return self._derived.get(f"bias-{dtype}", (table,), build)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``B x N x C`` (N = window tokens) -> ``B x N x C``."""
@@ -283,6 +387,40 @@ class TinyViTBlock(nn.Module):
         x = x.reshape(b, c, n).transpose(1, 2)
         return x + self.mlp(x)
 
+    def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:
+        """``B x H x W x C`` tokens -> same (eval mode); the same function as :meth:`forward`.
+
+        Differences in the computation (not the result): the tokens are copied once into
+        window order (with the zero padding) and everything up to the residual add happens in
+        that order, so neither q/k/v nor the attention output is ever re-arranged; attention is
+        torch's fused kernel with the bias gathered once; the depth-wise conv runs
+        channels-last; the MLP runs in token chunks, in place.
+        """
+        b, h, w, c = x.shape
+        if (h, w) != self.input_resolution:
+            raise ValueError(f"expected {self.input_resolution} tokens, got {h}x{w}")
+        ws = self.window_size
+        windows = _to_windows(x, ws)  # (B nh nw) x ws^2 x C, padding tokens are zeros
+        attended = self._attention_windows(windows)
+        attended += windows  # the residual, still in window order
+        x = _from_windows(attended, b, h, w, ws)
+        x = self.local_conv.forward_nhwc(x)
+        return self.mlp.add_to_(x)
+
+    def _attention_windows(self, windows: torch.Tensor) -> torch.Tensor:
+        """``attn`` on ``windows x N x C`` with the fused kernel; a new tensor of the same shape."""
+        attn = self.attn
+        n_win, n, _ = windows.shape
+        heads, kd, d = attn.num_heads, attn.key_dim, attn.d
+        qkv = attn.qkv(attn.norm(windows)).reshape(n_win, n, heads, 2 * kd + d)
+        q, k, v = qkv.split([kd, kd, d], dim=3)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # windows x heads x N x ch
+        # A 4-D (expanded) mask lets torch pick its fused CPU attention kernel; with a 3-D mask
+        # it falls back to the unfused maths path (about 3x slower here).
+        bias = attn.bias(q.dtype).expand(n_win, -1, -1, -1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return attn.proj(out.transpose(1, 2).reshape(n_win, n, heads * d))
+
 
 class BasicLayer(nn.Module):
     """A TinyViT stage: blocks on tokens, then an optional merging."""
@@ -318,6 +456,11 @@ class BasicLayer(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.downsample(x) if self.downsample is not None else x
+
+    def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block.forward_nhwc(x)
+        return self.downsample.forward_nhwc(x) if self.downsample is not None else x
 
 
 class TinyViT(nn.Module):
@@ -411,8 +554,32 @@ class TinyViT(nn.Module):
         )
         self.apply(_init_weights)
 
+    # Eval-mode fast path switch (see sam_core.optimize.set_fast_paths).
+    fast_path: bool = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``B x 3 x S x S`` (min-max normalised, padded) -> ``B x 256 x S/4 x S/4``."""
+        if use_fast_path(self):
+            return self.forward_fast(x)
+        return self.forward_plain(x)
+
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval-mode forward on channels-last tokens; same result as :meth:`forward_plain`."""
+        x = x.permute(0, 2, 3, 1)  # B x S x S x 3
+        x = self.patch_embed.forward_nhwc(x)
+        for layer in self.layers:
+            x = layer.forward_nhwc(x)
+        b, r = x.shape[0], self.out_resolution
+        x = x.reshape(b, r, r, x.shape[-1])
+        conv1, norm1, conv2, norm2 = self.neck
+        x = F.linear(x, conv1.weight.reshape(conv1.out_channels, -1), conv1.bias)
+        x = F.layer_norm(x, (x.shape[-1],), norm1.weight, norm1.bias, norm1.eps)
+        x = conv2(_channels_last_view(x)).permute(0, 2, 3, 1)
+        x = F.layer_norm(x, (x.shape[-1],), norm2.weight, norm2.bias, norm2.eps)
+        return x.permute(0, 3, 1, 2).contiguous()
+
+    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference formulation (NCHW, token sequences), used in training."""
         x = self.patch_embed(x)
         for layer in self.layers:
             x = layer(x)
@@ -420,6 +587,105 @@ class TinyViT(nn.Module):
         r = self.out_resolution
         x = x.transpose(1, 2).reshape(b, c, r, r)
         return self.neck(x)
+
+
+def _channels_last_view(x: torch.Tensor) -> torch.Tensor:
+    """``B x H x W x C`` -> ``B x C x H x W`` in channels-last memory (a view when contiguous)."""
+    return x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+
+def _window_regions(h: int, w: int, ws: int):
+    """Rectangles ``(rows, cols)`` of an ``h x w`` grid that map to whole window slabs.
+
+    Yields ``(r0, r1, c0, c1)``: full windows first, then the partial last row/column of windows.
+    """
+    hf, wf = h // ws * ws, w // ws * ws
+    for r0, r1 in ((0, hf), (hf, h)):
+        for c0, c1 in ((0, wf), (wf, w)):
+            if r1 > r0 and c1 > c0:
+                yield r0, r1, c0, c1
+
+
+def _grid_view(windows: torch.Tensor, b: int, nh: int, nw: int, ws: int) -> torch.Tensor:
+    """``(B nh nw) x ws^2 x C`` windows as a ``B x nh x ws x nw x ws x C`` grid view."""
+    return windows.reshape(b, nh, nw, ws, ws, windows.shape[-1]).transpose(2, 3)
+
+
+def _to_windows(x: torch.Tensor, ws: int) -> torch.Tensor:
+    """``B x H x W x C`` -> ``(B nh nw) x ws^2 x C`` in one copy, zero-padded bottom/right."""
+    b, h, w, c = x.shape
+    nh, nw = -(-h // ws), -(-w // ws)
+    if h % ws == 0 and w % ws == 0:
+        return x.reshape(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(-1, ws * ws, c)
+    windows = x.new_empty((b * nh * nw, ws * ws, c))
+    grid = _grid_view(windows, b, nh, nw, ws)
+    for r0, r1, c0, c1 in _window_regions(h, w, ws):
+        i0, i1, j0, j1 = r0 // ws, -(-r1 // ws), c0 // ws, -(-c1 // ws)
+        rh, cw = min(ws, r1 - r0), min(ws, c1 - c0)
+        grid[:, i0:i1, :rh, j0:j1, :cw] = x[:, r0:r1, c0:c1].reshape(b, i1 - i0, rh, j1 - j0, cw, c)
+        if rh < ws:
+            grid[:, i0:i1, rh:, j0:j1] = 0
+        if cw < ws:
+            grid[:, i0:i1, :, j0:j1, cw:] = 0
+    return windows
+
+
+def _from_windows(windows: torch.Tensor, b: int, h: int, w: int, ws: int) -> torch.Tensor:
+    """Inverse of :func:`_to_windows`: ``B x H x W x C`` (contiguous), padding dropped."""
+    c = windows.shape[-1]
+    nh, nw = -(-h // ws), -(-w // ws)
+    if h % ws == 0 and w % ws == 0:
+        return windows.reshape(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, h, w, c)
+    out = windows.new_empty((b, h, w, c))
+    grid = _grid_view(windows, b, nh, nw, ws)
+    for r0, r1, c0, c1 in _window_regions(h, w, ws):
+        i0, i1, j0, j1 = r0 // ws, -(-r1 // ws), c0 // ws, -(-c1 // ws)
+        rh, cw = min(ws, r1 - r0), min(ws, c1 - c0)
+        out[:, r0:r1, c0:c1] = grid[:, i0:i1, :rh, j0:j1, :cw].reshape(b, r1 - r0, c1 - c0, c)
+    return out
+
+
+def _banded_bottleneck(
+    x: torch.Tensor, conv1: Conv2d_BN, conv2: Conv2d_BN, conv3: Conv2d_BN, residual: bool
+) -> torch.Tensor:
+    """1 x 1 expand + GELU, 3 x 3 depth-wise (stride s) + GELU, 1 x 1 project, on tokens.
+
+    ``x`` is ``B x H x W x C``. With ``residual`` (MBConv): ``GELU(project(...) + x)``, else
+    (PatchMerging) the projection alone. The output rows are computed in bands of
+    ``BAND_ROWS``: each band expands only the input rows its depth-wise window needs (a one-row
+    halo, recomputed), so the expanded activations never exist at full size.
+    """
+    b, h, w, _ = x.shape
+    dw = conv2.c
+    stride, pad = dw.stride[0], dw.padding[0]
+    kernel = dw.kernel_size[0]
+    if kernel != 2 * pad + 1 or dw.stride[1] != stride or dw.padding[1] != pad:
+        raise ValueError("banded bottleneck expects a square, 'same'-padded depth-wise kernel")
+    w1, b1 = conv1.fused_linear()
+    wd, bd = conv2.fused()
+    w3, b3 = conv3.fused_linear()
+    h_out = (h + 2 * pad - kernel) // stride + 1
+    w_out = (w + 2 * pad - kernel) // stride + 1
+    out = x.new_empty((b, h_out, w_out, w3.shape[0]))
+    rows = max(1, BAND_ROWS // stride)
+    for o0 in range(0, h_out, rows):
+        o1 = min(h_out, o0 + rows)
+        # Input rows [lo, hi) hold every window of output rows [o0, o1). lo is a multiple of
+        # the stride away from o0's window centre so that the conv's own symmetric padding
+        # lines up; the output rows whose window reaches that artificial padding at an inner
+        # band edge are dropped below.
+        lo = max(0, stride * o0 - max(stride, pad))
+        hi = min(h, stride * (o1 - 1) + pad + 1)
+        hidden = gelu_(F.linear(x[:, lo:hi], w1, b1))
+        y = F.conv2d(_channels_last_view(hidden), wd, bd, stride, pad, 1, dw.groups)
+        first = (stride * o0 - lo) // stride
+        y = gelu_(y[:, :, first : first + (o1 - o0)].permute(0, 2, 3, 1))
+        y = F.linear(y, w3, b3)
+        if residual:
+            y += x[:, o0:o1]
+            gelu_(y)
+        out[:, o0:o1] = y
+    return out
 
 
 def _init_weights(module: nn.Module) -> None:

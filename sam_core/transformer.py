@@ -6,8 +6,9 @@ Parameter names follow the official checkpoints (``layers.N.self_attn.q_proj``,
 
 from __future__ import annotations
 
-from typing import Tuple, Type
+from typing import NamedTuple, Optional, Tuple, Type
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -79,6 +80,65 @@ class TwoWayTransformer(nn.Module):
         queries = self.norm_final_attn(queries + attended)
         return queries, keys
 
+    def forward_tokens(
+        self,
+        keys: Tensor,
+        key_pe: Tensor,
+        point_embedding: Tensor,
+        keys_with_pe: Optional[Tensor] = None,
+        first_layer: Optional[ImageProjections] = None,
+    ) -> Tuple[Tensor, Tensor]:
+        """Eval-mode fast path on image *tokens*; the same function as :meth:`forward`.
+
+        Args:
+            keys: image tokens ``B' x (h*w) x C``; ``B' = 1`` is shared by all prompts.
+            key_pe: their positional encoding, ``1 x (h*w) x C``.
+            point_embedding: prompt tokens ``B x N x C``.
+            keys_with_pe: ``keys + key_pe`` when the caller has it (cached per image).
+            first_layer: the first block's image-side projections of these (shared) keys, from
+                :meth:`project_first_layer` (cached per image), or None.
+
+        The cross-attentions use :meth:`Attention.tokens_to_image` and
+        :meth:`Attention.image_to_tokens`, which never project the image tokens.
+        """
+        queries = point_embedding
+        for i, layer in enumerate(self.layers):
+            queries, keys = layer.forward_tokens(
+                queries,
+                keys,
+                point_embedding,
+                key_pe,
+                keys_with_pe if i == 0 else None,
+                first_layer if i == 0 else None,
+            )
+        attended = self.final_attn_token_to_image.tokens_to_image(
+            queries + point_embedding, keys + key_pe, keys
+        )
+        queries = self.norm_final_attn(queries + attended)
+        return queries, keys
+
+    def project_first_layer(self, keys: Tensor, keys_with_pe: Tensor) -> ImageProjections:
+        """The first block's projections of ``1 x N x C`` image tokens (prompt-independent).
+
+        Worth it when several prompts are decoded on the same image: the first block's
+        cross-attentions then cost O(T N ch) instead of O(T N C) per prompt.
+        """
+        first = self.layers[0]
+        t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+        return ImageProjections(
+            k_t2i=t2i.split_heads_t(t2i.k_proj(keys_with_pe)),
+            v_t2i=t2i.split_heads(t2i.v_proj(keys)),
+            q_i2t=i2t.split_heads_t(i2t.q_proj(keys_with_pe)),
+        )
+
+
+class ImageProjections(NamedTuple):
+    """Projections of the (shared) image tokens for the first two-way block."""
+
+    k_t2i: Tensor  # 1 x heads x ch x N: keys of the token-to-image attention
+    v_t2i: Tensor  # 1 x heads x N x ch: values of the token-to-image attention
+    q_i2t: Tensor  # 1 x heads x ch x N: queries of the image-to-token attention
+
 
 class TwoWayAttentionBlock(nn.Module):
     """Token self-attention, token->image cross-attention, token MLP, image->token cross-attention.
@@ -135,6 +195,42 @@ class TwoWayAttentionBlock(nn.Module):
         keys = self.norm4(keys + self.cross_attn_image_to_token(q=k, k=q, v=queries))
         return queries, keys
 
+    def forward_tokens(
+        self,
+        queries: Tensor,
+        keys: Tensor,
+        query_pe: Tensor,
+        key_pe: Tensor,
+        keys_with_pe: Optional[Tensor] = None,
+        projected: Optional[ImageProjections] = None,
+    ) -> Tuple[Tensor, Tensor]:
+        """:meth:`forward` with the low-rank cross-attentions; ``keys`` may be ``1 x N x C``
+        (shared by the ``B`` prompts), ``keys_with_pe`` is ``keys + key_pe`` if known, and
+        ``projected`` the image-side projections of these keys if known."""
+        if self.skip_first_layer_pe:
+            queries = self.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + query_pe
+            queries = queries + self.self_attn(q=q, k=q, v=queries)
+        queries = self.norm1(queries)
+
+        q = queries + query_pe
+        k = keys + key_pe if keys_with_pe is None else keys_with_pe
+        t2i = self.cross_attn_token_to_image
+        if projected is None:
+            attended = t2i.tokens_to_image(q, k, keys)
+        else:
+            attended = t2i.tokens_to_projected_image(q, projected.k_t2i, projected.v_t2i)
+        queries = self.norm2(queries + attended)
+
+        queries = self.norm3(queries + self.mlp(queries))
+
+        q = queries + query_pe
+        i2t = self.cross_attn_image_to_token
+        q_image = None if projected is None else projected.q_i2t
+        keys = self.norm4(i2t.image_to_tokens(k, q, queries, q_image, residual=keys))
+        return queries, keys
+
 
 class Attention(nn.Module):
     """Multi-head attention whose q/k/v projections may shrink the width by ``downsample_rate``."""
@@ -162,3 +258,87 @@ class Attention(nn.Module):
         )
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
+
+    # The methods below compute ``forward`` for the decoder's cross-attentions, where one side is
+    # the few prompt tokens (T ~ 7) and the other the 4096 image tokens, without projecting the
+    # image tokens: the projections are moved to the token side (a product of the image tokens
+    # with ``heads * T`` vectors instead of with ``internal_dim`` weight rows), the same maths
+    # re-associated. Scores are laid out ``heads x T x N`` so every softmax runs over
+    # contiguous N-long rows or, across the T tokens, vectorised along them.
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        """``B x N x (heads ch)`` -> ``B x heads x N x ch`` (contiguous)."""
+        return self._split(x).contiguous()
+
+    def split_heads_t(self, x: Tensor) -> Tensor:
+        """``B x N x (heads ch)`` -> ``B x heads x ch x N`` (contiguous)."""
+        b, n, c = x.shape
+        return x.reshape(b, n, self.num_heads, c // self.num_heads).permute(0, 2, 3, 1).contiguous()
+
+    def tokens_to_image(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """``forward(q, k, v)`` for ``B x T x C`` token queries and ``B' x N x C`` image keys and
+        values (``B'`` = 1 or B; not projected here)."""
+        b, t, c = q.shape
+        heads = self.num_heads
+        ch = self.internal_dim // heads
+        qh = self.q_proj(q).reshape(b, t, heads, ch).transpose(1, 2)  # B x h x T x ch
+        wk = self.k_proj.weight.reshape(heads, ch, c)
+        # scores = (q_h . (Wk_h x + bk_h)) / sqrt(ch); the q_h . bk_h term is the same for every
+        # image token, so it cancels in the softmax over image tokens.
+        m = torch.matmul(qh, wk).mul_(ch**-0.5).reshape(b, heads * t, c)
+        p = torch.softmax(torch.matmul(m, k.transpose(1, 2)), dim=-1)  # B x (h T) x N
+        # sum_i p_i (Wv x_i + bv) = Wv (sum_i p_i x_i) + bv, since the p_i sum to 1.
+        pooled = torch.matmul(p, v).reshape(b, heads, t, c)
+        wv = self.v_proj.weight.reshape(heads, ch, c)
+        out = torch.matmul(pooled, wv.transpose(1, 2))  # B x h x T x ch
+        out = out + self.v_proj.bias.reshape(heads, 1, ch)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, self.internal_dim))
+
+    def tokens_to_projected_image(self, q: Tensor, k_t: Tensor, v: Tensor) -> Tensor:
+        """``forward(q, k, v)`` with the image side already projected: ``k_t`` is
+        ``B' x heads x ch x N`` and ``v`` is ``B' x heads x N x ch`` (see ``split_heads``)."""
+        b, t, _ = q.shape
+        heads = self.num_heads
+        ch = self.internal_dim // heads
+        qh = self.q_proj(q).reshape(b, t, heads, ch).transpose(1, 2).mul(ch**-0.5)
+        p = torch.softmax(torch.matmul(qh, k_t), dim=-1)  # B x h x T x N
+        out = torch.matmul(p, v)  # B x h x T x ch
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, self.internal_dim))
+
+    def image_to_tokens(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        q_projected_t: Optional[Tensor] = None,
+        residual: Optional[Tensor] = None,
+    ) -> Tensor:
+        """``forward(q, k, v)`` (plus ``residual`` if given, ``B' x N x C``) for ``B' x N x C``
+        image queries (not projected here, or given projected as ``B' x heads x ch x N`` in
+        ``q_projected_t``) and ``B x T x C`` token keys and values."""
+        b, t, c = k.shape
+        heads = self.num_heads
+        ch = self.internal_dim // heads
+        scale = ch**-0.5
+        kh = self.k_proj(k).reshape(b, t, heads, ch).transpose(1, 2)  # B x h x T x ch
+        vh = self.v_proj(v).reshape(b, t, heads, ch).transpose(1, 2)
+        if q_projected_t is None:
+            wq = self.q_proj.weight.reshape(heads, ch, c)
+            # scores_i = ((Wq_h x_i + bq_h) . k_h) / sqrt(ch) = x_i . (Wq_h^T k_h) + bq_h . k_h
+            m = torch.matmul(kh, wq).mul_(scale).reshape(b, heads * t, c)
+            const = (kh * self.q_proj.bias.reshape(1, heads, 1, ch)).sum(-1).mul_(scale)
+            scores = torch.matmul(m, q.transpose(1, 2))  # B x (h T) x N
+            scores += const.reshape(b, heads * t, 1)
+        else:
+            scores = torch.matmul(kh.mul(scale), q_projected_t)  # B x h x T x N
+        n = scores.shape[-1]
+        # Softmax over the T tokens of each head: in the h x T x N layout it reduces across
+        # N-long contiguous rows (vectorised), not along rows of length T.
+        p = torch.softmax(scores.reshape(b, heads, t, n), dim=2).reshape(b, heads * t, n)
+        # out_i = Wo concat_h(sum_t p v_h) + bo = sum_{h,t} p (Wo_h v_h + bo / heads), since for
+        # each head the p sum to 1: the bias rides in the same product.
+        wo = self.out_proj.weight.reshape(c, heads, ch).permute(1, 2, 0)  # h x ch x C
+        u = torch.matmul(vh, wo).add_(self.out_proj.bias / heads).reshape(b, heads * t, c)
+        if residual is None:
+            return torch.matmul(p.transpose(1, 2), u)
+        return torch.baddbmm(residual.expand(b, -1, -1), p.transpose(1, 2), u)
