@@ -55,7 +55,7 @@ def _add_slice_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _progress_bar(desc: str):
+def _progress_bar(desc: str, unit: str = "slice"):
     """A progress(done, total, message) callback drawing a tqdm bar on stderr."""
     from tqdm import tqdm
 
@@ -66,7 +66,7 @@ def _progress_bar(desc: str):
         if bar is None or bar.total != total:
             if bar is not None:
                 bar.close()
-            bar = state["bar"] = tqdm(total=total, desc=desc, unit="slice", leave=False)
+            bar = state["bar"] = tqdm(total=total, desc=desc, unit=unit, leave=False)
         bar.n = done
         if message:
             bar.set_postfix_str(message, refresh=False)
@@ -108,7 +108,7 @@ def _load_segmenter(args, volume):
 def _load_model(args):
     from sam_core.zoo import load_model
 
-    progress = _progress_bar("download") if getattr(args, "download", False) else None
+    progress = _progress_bar("download", unit="B") if getattr(args, "download", False) else None
     return load_model(
         args.model,
         args.checkpoint,
@@ -405,7 +405,7 @@ def cmd_benchmark(args) -> int:
             seed=args.seed,
             workers=args.workers,
             label_names=names,
-            progress=_progress_bar("cases"),
+            progress=_progress_bar("cases", unit="case"),
         )
         print(json.dumps({k: v for k, v in summary.items() if k != "structures"}, indent=1))
         return 0
@@ -429,7 +429,7 @@ def cmd_benchmark(args) -> int:
         min_voxels=args.min_voxels,
         jitter=args.jitter,
         seed=args.seed,
-        progress=_progress_bar(args.protocol),
+        progress=_progress_bar(args.protocol, unit="structure"),
     )
     benchmark.write_benchmark_outputs(
         result,

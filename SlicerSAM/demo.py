@@ -111,7 +111,7 @@ def run_demo(args) -> int:
         orientation=args.axis,
         intensity=intensity,
         min_voxels=args.min_voxels,
-        progress=_progress_bar(args.protocol),
+        progress=_progress_bar(args.protocol, unit="structure"),
     )
     out = _run_folder(args.output)
     segments = [
