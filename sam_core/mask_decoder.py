@@ -175,18 +175,24 @@ class MaskDecoder(nn.Module):
                 no-mask embedding), or None for no dense prompt (added as is otherwise).
         """
         src = image_embeddings
+        b, c, h, w = src.shape
+        tokens = src.flatten(2).transpose(1, 2)  # a view; made contiguous by the add below
         if dense_prompt_embeddings is not None:
             dense = dense_prompt_embeddings
-            if dense.shape[0] != src.shape[0] and dense.stride(0) == 0:
+            if dense.shape[0] != b and dense.stride(0) == 0:
                 dense = dense[:1]  # the same no-mask embedding for every prompt
-            if dense.shape[0] != src.shape[0] and src.shape[0] != 1:
+            if dense.shape[0] != b and b != 1:
                 raise ValueError(
-                    f"{src.shape[0]} image embeddings for {dense.shape[0]} dense prompts: "
+                    f"{b} image embeddings for {dense.shape[0]} dense prompts: "
                     "give one embedding for all prompts or one per prompt"
                 )
-            src = src + dense
-        h, w = src.shape[-2:]
-        src_tokens = src.flatten(2).transpose(1, 2).contiguous()
+            dense_tokens = dense.flatten(2).transpose(1, 2)
+            n_src = max(b, dense.shape[0])
+            dtype = torch.promote_types(src.dtype, dense.dtype)
+            src_tokens = src.new_empty((n_src, h * w, c), dtype=dtype)
+            torch.add(tokens, dense_tokens, out=src_tokens)
+        else:
+            src_tokens = tokens.contiguous()
         if image_pe.dim() == 3:
             pe_tokens = image_pe
         else:

@@ -125,10 +125,19 @@ class TwoWayTransformer(nn.Module):
         """
         first = self.layers[0]
         t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+        # Computed transposed (weights @ tokens^T), which is directly the heads x ch x N layout
+        # the attention products want; the two projections of keys_with_pe share one product.
+        n = keys.shape[1]
+        on_pe = torch.cat([t2i.k_proj.weight, i2t.q_proj.weight])
+        bias = torch.cat([t2i.k_proj.bias, i2t.q_proj.bias])[:, None]
+        k_t, q_t = torch.addmm(bias, on_pe, keys_with_pe[0].t()).split(
+            [t2i.internal_dim, i2t.internal_dim]
+        )
+        v_t = torch.addmm(t2i.v_proj.bias[:, None], t2i.v_proj.weight, keys[0].t())
         return ImageProjections(
-            k_t2i=t2i.split_heads_t(t2i.k_proj(keys_with_pe)),
-            v_t2i=t2i.split_heads(t2i.v_proj(keys)),
-            q_i2t=i2t.split_heads_t(i2t.q_proj(keys_with_pe)),
+            k_t2i=k_t.reshape(1, t2i.num_heads, -1, n),
+            v_t2i=v_t.reshape(1, t2i.num_heads, -1, n),
+            q_i2t=q_t.reshape(1, i2t.num_heads, -1, n),
         )
 
 
@@ -136,7 +145,7 @@ class ImageProjections(NamedTuple):
     """Projections of the (shared) image tokens for the first two-way block."""
 
     k_t2i: Tensor  # 1 x heads x ch x N: keys of the token-to-image attention
-    v_t2i: Tensor  # 1 x heads x N x ch: values of the token-to-image attention
+    v_t2i: Tensor  # 1 x heads x ch x N: values of the token-to-image attention
     q_i2t: Tensor  # 1 x heads x ch x N: queries of the image-to-token attention
 
 
@@ -266,15 +275,6 @@ class Attention(nn.Module):
     # re-associated. Scores are laid out ``heads x T x N`` so every softmax runs over
     # contiguous N-long rows or, across the T tokens, vectorised along them.
 
-    def split_heads(self, x: Tensor) -> Tensor:
-        """``B x N x (heads ch)`` -> ``B x heads x N x ch`` (contiguous)."""
-        return self._split(x).contiguous()
-
-    def split_heads_t(self, x: Tensor) -> Tensor:
-        """``B x N x (heads ch)`` -> ``B x heads x ch x N`` (contiguous)."""
-        b, n, c = x.shape
-        return x.reshape(b, n, self.num_heads, c // self.num_heads).permute(0, 2, 3, 1).contiguous()
-
     def tokens_to_image(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """``forward(q, k, v)`` for ``B x T x C`` token queries and ``B' x N x C`` image keys and
         values (``B'`` = 1 or B; not projected here)."""
@@ -294,15 +294,15 @@ class Attention(nn.Module):
         out = out + self.v_proj.bias.reshape(heads, 1, ch)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, self.internal_dim))
 
-    def tokens_to_projected_image(self, q: Tensor, k_t: Tensor, v: Tensor) -> Tensor:
-        """``forward(q, k, v)`` with the image side already projected: ``k_t`` is
-        ``B' x heads x ch x N`` and ``v`` is ``B' x heads x N x ch`` (see ``split_heads``)."""
+    def tokens_to_projected_image(self, q: Tensor, k_t: Tensor, v_t: Tensor) -> Tensor:
+        """``forward(q, k, v)`` with the image side already projected, both transposed:
+        ``k_t`` and ``v_t`` are ``B' x heads x ch x N``."""
         b, t, _ = q.shape
         heads = self.num_heads
         ch = self.internal_dim // heads
         qh = self.q_proj(q).reshape(b, t, heads, ch).transpose(1, 2).mul(ch**-0.5)
         p = torch.softmax(torch.matmul(qh, k_t), dim=-1)  # B x h x T x N
-        out = torch.matmul(p, v)  # B x h x T x ch
+        out = torch.matmul(p, v_t.transpose(-1, -2))  # B x h x T x ch
         return self.out_proj(out.transpose(1, 2).reshape(b, t, self.internal_dim))
 
     def image_to_tokens(
