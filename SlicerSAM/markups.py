@@ -30,7 +30,6 @@ something else than the user asked for.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -39,7 +38,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from SlicerSAM.errors import PromptError
-from SlicerSAM.prompts import Box, Point, Prompts
+from SlicerSAM.prompts import Box, Point, Prompts, read_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -199,12 +198,4 @@ def read_markups(path) -> Prompts:
             markups type (named), or more than one ROI.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PromptError(f"cannot read markups file {path}: {exc}") from exc
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise PromptError(f"{path} is not a JSON file ({exc}); expected Slicer .mrk.json") from exc
-    return parse_markups(data, source=str(path))
+    return parse_markups(read_json_file(path, "Slicer markups file (.mrk.json)"), source=str(path))

@@ -43,7 +43,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -601,15 +601,22 @@ def load_prompt_file(path) -> Prompts:
     The file's "orientation" and "slice" come back as ``Prompts.orientation`` / ``Prompts.index``.
     """
     path = Path(path)
+    return parse_prompt_dict(read_json_file(path, "prompt file"), source=str(path))
+
+
+def read_json_file(path: Union[str, Path], what: str):
+    """The parsed JSON of ``path``; PromptError naming ``what`` and the file when unreadable."""
+    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise PromptError(f"cannot read prompt file {path}: {exc}") from exc
+        raise PromptError(f"cannot read {what} {path}: {exc}") from exc
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except ValueError as exc:
-        raise PromptError(f"{path} is not valid JSON: {exc}") from exc
-    return parse_prompt_dict(data, source=str(path))
+        raise PromptError(
+            f"{path} is not a JSON file (not valid JSON: {exc}); expected a {what}"
+        ) from exc
 
 
 def prompts_to_dict(prompts: Prompts, orientation: Optional[str] = None, index=None) -> dict:

@@ -205,7 +205,24 @@ class PatchMerging(nn.Module):
         return _banded_bottleneck(x, self.conv1, self.conv2, self.conv3, residual=False)
 
 
-class ConvLayer(nn.Module):
+class _Stage(nn.Module):
+    """A TinyViT stage: ``blocks`` then an optional ``downsample`` (PatchMerging)."""
+
+    blocks: nn.ModuleList
+    downsample: Optional[nn.Module]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.downsample(x) if self.downsample is not None else x
+
+    def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block.forward_nhwc(x)
+        return self.downsample.forward_nhwc(x) if self.downsample is not None else x
+
+
+class ConvLayer(_Stage):
     """First stage: MBConv blocks on ``B x C x H x W``, then an optional merging."""
 
     def __init__(
@@ -221,16 +238,6 @@ class ConvLayer(nn.Module):
             MBConv(dim, dim, conv_expand_ratio, activation) for _ in range(depth)
         )
         self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return self.downsample(x) if self.downsample is not None else x
-
-    def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block.forward_nhwc(x)
-        return self.downsample.forward_nhwc(x) if self.downsample is not None else x
 
 
 class Mlp(nn.Module):
@@ -422,7 +429,7 @@ class TinyViTBlock(nn.Module):
         return attn.proj(out.transpose(1, 2).reshape(n_win, n, heads * d))
 
 
-class BasicLayer(nn.Module):
+class BasicLayer(_Stage):
     """A TinyViT stage: blocks on tokens, then an optional merging."""
 
     def __init__(
@@ -451,16 +458,6 @@ class BasicLayer(nn.Module):
             for _ in range(depth)
         )
         self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return self.downsample(x) if self.downsample is not None else x
-
-    def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block.forward_nhwc(x)
-        return self.downsample.forward_nhwc(x) if self.downsample is not None else x
 
 
 class TinyViT(nn.Module):
