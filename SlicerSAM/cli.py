@@ -53,6 +53,19 @@ def _add_slice_args(p: argparse.ArgumentParser) -> None:
         help="intensity mapping: a preset (abdomen, lung, bone, brain, mediastinum), 'L,W' "
         "(level,width in HU, e.g. 40,400), or 'mr' (0.5-99.5 %% percentiles of the volume)",
     )
+    p.add_argument(
+        "--cache-dir",
+        help="keep image embeddings in this folder: a later run on the same volume, model, axis "
+        "and window reads them instead of encoding again",
+    )
+
+
+def _embedding_cache(args):
+    """The embedding cache of ``--cache-dir`` (None: the segmenter's in-memory default)."""
+    from SlicerSAM.cache import EmbeddingCache
+
+    directory = getattr(args, "cache_dir", None)
+    return EmbeddingCache(disk_dir=directory) if directory else None
 
 
 def _progress_bar(desc: str, unit: str = "slice"):
@@ -102,7 +115,13 @@ def _load_segmenter(args, volume):
 
     intensity = parse_intensity(args.window)
     model = _load_model(args)
-    return Segmenter(volume, model, orientation=args.axis or "axial", intensity=intensity)
+    return Segmenter(
+        volume,
+        model,
+        orientation=args.axis or "axial",
+        intensity=intensity,
+        cache=_embedding_cache(args),
+    )
 
 
 def _load_model(args):
@@ -137,6 +156,11 @@ def _read_label_names(path: str | None) -> dict[int, str] | None:
         raise SlicerSAMError(f"{path}: expected a JSON object {{label value: name}}") from exc
     names.pop(0, None)
     return names
+
+
+def _ms(value, digits: int) -> str:
+    """A timing for the summary line; "-" when nothing was timed (all embeddings cached)."""
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _timing_block(segmenter, wall_s: float) -> dict:
@@ -430,6 +454,7 @@ def cmd_benchmark(args) -> int:
         jitter=args.jitter,
         seed=args.seed,
         progress=_progress_bar(args.protocol, unit="structure"),
+        cache=_embedding_cache(args),
     )
     benchmark.write_benchmark_outputs(
         result,
@@ -447,8 +472,8 @@ def cmd_benchmark(args) -> int:
         f"\n{result['protocol']}: mean Dice {result['mean_dice']:.3f}, mean IoU "
         f"{result['mean_iou']:.3f} over {len(result['structures'])} structures | "
         f"{result['model']} on {result['device']} | {t['slices_encoded']} slices encoded, "
-        f"{t['encode_ms_per_slice']:.0f} ms/slice encode, {t['decode_ms_per_prompt']:.1f} ms/prompt"
-        f" decode, {t['wall_s']:.1f} s"
+        f"{_ms(t['encode_ms_per_slice'], 0)} ms/slice encode, "
+        f"{_ms(t['decode_ms_per_prompt'], 1)} ms/prompt decode, {t['wall_s']:.1f} s"
     )
     return 0
 

@@ -88,10 +88,14 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         description=(
             "MedSAM ViT-B: SAM ViT-B fine-tuned on 1.5M medical image-mask pairs, 1024 input"
         ),
-        # No sha256 published by the MedSAM authors or by a citable repository was found (only
-        # md5 sums and unattributed local fingerprints): the user must supply the file
-        # (checkpoint=...).
-        sha256=None,
+        # sha256 of medsam_vit_b.pth as Hugging Face's Git LFS records it (the pointer's
+        # "oid sha256", size 375049145) for the upload of the official file in the Space
+        # dennistrujillo/MedSAMTest, commit 2c1bc6a7c8a18a6e72538a8f284f21657b1a7236:
+        # https://huggingface.co/spaces/dennistrujillo/MedSAMTest/commit/2c1bc6a7c8a18a6e72538a8f284f21657b1a7236
+        # The size agrees with dafne's entry for the Zenodo file (below); the MedSAM authors
+        # publish only an md5 (3bb6db55bd0c9ca30b61248bca72f8d6, used e.g. by MITK's
+        # MedSAMRunner), which a sha256 cannot be checked against without the file.
+        sha256="34b34b78c1d18cb8c6bf84cf9c00e135d6d6c965699f3c0e31ef1bc9dcb5be74",
         # Size: dafne-imaging/dafne sam_mask_refine.py (URL above), "Med Sam" entry.
         size_bytes=375049145,
         # Zenodo record of the MedSAM authors, https://zenodo.org/records/10689643 (cited by

@@ -171,6 +171,25 @@ def test_segment_from_slicer_roi_writes_a_seg_nrrd(shared_data, litemedsam_check
     assert {"encode_ms_per_slice", "decode_ms_per_prompt", "wall_s", "peak_rss_mb"} <= set(timing)
 
 
+def test_cache_dir_serves_a_second_run_without_encoding(
+    shared_data, litemedsam_checkpoint, tmp_path
+):
+    roi, liver, k = _liver_roi(shared_data, tmp_path, slab_slices=1)
+    cache = tmp_path / "embeddings"
+    encoded, masks = [], []
+    for run in ("first", "second"):
+        out, info = tmp_path / f"{run}.nii.gz", tmp_path / f"{run}.json"
+        argv = ["segment", str(shared_data / CT), "--prompts", str(roi), "--output", str(out)]
+        argv += ["--json", str(info), "--device", "cpu", "--cache-dir", str(cache)]
+        assert main(argv) == 0
+        encoded.append(json.loads(info.read_text())["timing"]["slices_encoded"])
+        masks.append(np.asarray(nib.load(str(out)).dataobj) > 0)
+    assert encoded == [1, 0]  # the second run read the slice's embedding from --cache-dir
+    assert any(cache.iterdir())
+    assert masks[0][:, :, k].sum() > 0
+    np.testing.assert_array_equal(masks[0], masks[1])
+
+
 @pytest.mark.slow
 def test_segment_propagates_within_a_3d_roi(shared_data, litemedsam_checkpoint, tmp_path):
     roi, liver, k = _liver_roi(shared_data, tmp_path, slab_slices=7)

@@ -170,18 +170,27 @@ def test_cache_dir_defaults_to_the_environment(monkeypatch, tmp_path, tiny_spec,
     assert default_cache_dir().parts[-3:] == (".cache", "slicersam", "models")
 
 
-def test_medsam_needs_a_user_file(server, tmp_path, monkeypatch):
+def test_model_without_a_published_sha256_needs_a_user_file(server, tmp_path, monkeypatch):
     # Even with downloads allowed and a reachable URL, no unverified download happens.
     spec = MODEL_SPECS["medsam_vit_b"]
-    monkeypatch.setitem(
-        MODEL_SPECS, "medsam_vit_b", ModelSpec(**{**spec.__dict__, "url": server.url("/ok.pth")})
-    )
+    unverified = ModelSpec(**{**spec.__dict__, "url": server.url("/ok.pth"), "sha256": None})
+    monkeypatch.setitem(MODEL_SPECS, "medsam_vit_b", unverified)
     with pytest.raises(CheckpointError, match=r"No published sha256.*pass its path"):
         resolve_checkpoint("medsam_vit_b", cache_dir=tmp_path, allow_download=True)
     assert server.requests == []
     user = tmp_path / "my_medsam.pth"
     user.write_bytes(b"weights")
     assert resolve_checkpoint("medsam_vit_b", user) == user
+    assert describe_availability("medsam_vit_b") == "needs a local checkpoint file"
+
+
+def test_medsam_is_downloaded_only_with_its_published_checksum(tmp_path):
+    spec = MODEL_SPECS["medsam_vit_b"]
+    assert spec.sha256 == "34b34b78c1d18cb8c6bf84cf9c00e135d6d6c965699f3c0e31ef1bc9dcb5be74"
+    assert spec.size_bytes == 375049145
+    assert spec.url == "https://zenodo.org/records/10689643/files/medsam_vit_b.pth"
+    with pytest.raises(CheckpointError, match="not in the cache.*allow_download"):
+        resolve_checkpoint("medsam_vit_b", cache_dir=tmp_path)
 
 
 def test_user_file_wins_and_must_exist(tiny_spec, server, tmp_path, fresh_hash_cache):
@@ -204,7 +213,6 @@ def test_user_file_of_the_published_size_is_verified(tiny_spec, tmp_path):
 
 
 def test_describe_availability(tiny_spec, tmp_path, monkeypatch, fresh_hash_cache):
-    assert describe_availability("medsam_vit_b") == "needs a local checkpoint file"
     assert describe_availability(tiny_spec, tmp_path).startswith("download ")
     (tmp_path / "ok.pth").write_bytes(b"x")
     assert describe_availability("tiny", tmp_path) == "in the cache"
