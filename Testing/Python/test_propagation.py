@@ -394,3 +394,40 @@ def test_box_of_mask_uses_pixel_edges_and_interior_point_is_the_distance_maximum
     assert box_of_mask(plane, np.zeros_like(mask)) is None
     x, y = interior_point(mask)
     assert (x, y) == (25.0, 12.0)
+
+
+def test_stop_rule_replay_of_the_benchmark_matches_propagate():
+    """Testing/benchmarks/bench_stop_rules.py replays stop rules on a walk recorded without them;
+    docs/propagation.md relies on the replay giving exactly what propagate() gives."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    path = ROOT / "Testing" / "benchmarks" / "bench_stop_rules.py"
+    spec = importlib.util.spec_from_file_location("bench_stop_rules", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    labels = organ_labels(first=6, last=22)
+    dips = {9: 0.5, 10: 0.6, 12: 0.5, 18: 0.65, 20: 0.4, 21: 0.5}  # single and confirmed failures
+    seg = FakeSegmenter(labels, iou=lambda k: dips.get(k, 0.9))
+    key = 14
+    prompts = {key: _key_prompt(seg, labels, key)}
+    recorder = bench._Recorder(seg)
+    propagate(recorder, prompts, stop=NO_STOP)
+    calls = recorder.calls
+    refs = {k: _grid(labels, k) for k in range(SHAPE[0])}
+    walk = (calls[0], [c for c in calls[1:] if c[0] < key], [c for c in calls[1:] if c[0] > key])
+    walk = walk + (refs,)
+    assert walk[1] and walk[2]
+    for rules in (
+        StopRules(),
+        StopRules(min_iou=0.7, patience=1),
+        StopRules(min_iou=0.55, patience=2, min_overlap=None),
+        StopRules(min_iou=0.7, patience=3, min_area_fraction=0.5),
+    ):
+        expected = propagate(seg, prompts, stop=rules).masks
+        replayed = bench.replay(walk, rules)
+        assert sorted(replayed) == sorted(expected), rules
+        for k in expected:
+            np.testing.assert_array_equal(replayed[k], expected[k])

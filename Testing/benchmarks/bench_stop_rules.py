@@ -1,0 +1,194 @@
+"""Replay stop rules on recorded keyslice-box walks: how much do stopping and prompting cost?
+
+For every structure of ``../shared/data/ct-abdomen-3mm`` (>= 200 voxels) this runs the
+``keyslice-box`` protocol once with ``stop=NO_STOP`` (every walk goes on until its mask is empty
+or the volume ends), recording each visited slice's mask and predicted IoU. Stop rules only cut
+a walk short, they never change its prompts, so any rule set can then be replayed on the
+recording exactly, with the hysteresis of :func:`SlicerSAM.propagation.propagate`. It prints
+the mean Dice over structures for
+
+* ``no stop``: the walks as recorded;
+* ``reference extent``: each walk cut at the first slice where the reference is empty (the best
+  any stop rule could do with these prompts);
+* ``default rules``: ``StopRules()``;
+* the best rule sets of a small grid (min_iou x patience x min_overlap x min_area_fraction).
+
+docs/propagation.md ("Stopping") quotes its output. Run from the repository root:
+
+    python Testing/benchmarks/bench_stop_rules.py [--axis axial] [--window 40,400]
+        [--strategy "key_roi=0.15"] [--cache-dir DIR]
+
+``--strategy`` holds ``PropagationStrategy`` keyword arguments (numbers, None) over the default
+``"adaptive"`` strategy. ``--cache-dir`` keeps the slice embeddings between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from SlicerSAM import protocols as P  # noqa: E402
+from SlicerSAM.cache import EmbeddingCache  # noqa: E402
+from SlicerSAM.intensity import parse_intensity  # noqa: E402
+from SlicerSAM.prompts import SlicePrompts  # noqa: E402
+from SlicerSAM.propagation import NO_STOP, STRATEGIES, StopRules, propagate  # noqa: E402
+from SlicerSAM.segmenter import Segmenter  # noqa: E402
+from SlicerSAM.volume import load_volume  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "ct-abdomen-3mm"
+
+
+class _Recorder:
+    """A segmenter that remembers (index, chosen mask, predicted IoU) of every call."""
+
+    def __init__(self, segmenter):
+        self._segmenter = segmenter
+        self.calls = []
+
+    def __getattr__(self, name):
+        return getattr(self._segmenter, name)
+
+    def segment(self, index, prompts, multimask=None):
+        result = self._segmenter.segment(index, prompts, multimask=multimask)
+        best = int(result.best)
+        iou = float(np.asarray(result.iou).reshape(-1)[best])
+        self.calls.append((index, np.asarray(result.masks[best], dtype=bool), iou))
+        return result
+
+
+def record_walks(segmenter, reference, names, strategy):
+    """{name: (key call, walk down, walk up, reference grids)} for every structure."""
+    plane = segmenter.plane
+    walks = {}
+    for label, name, _ in P.select_structures(reference, names, 200):
+        mask3d = reference == label
+        key = P.largest_slice(plane, mask3d)
+        box = P.reference_box(plane, np.asarray(plane.grid(mask3d, key), dtype=bool))
+        recorder = _Recorder(segmenter)
+        propagate(recorder, {key: SlicePrompts(key, box_xyxy=box)}, strategy=strategy, stop=NO_STOP)
+        key_call, rest = recorder.calls[0], recorder.calls[1:]
+        down = [c for c in rest if c[0] < key]
+        up = [c for c in rest if c[0] > key]
+        refs = {k: np.asarray(plane.grid(mask3d, k), dtype=bool) for k in range(plane.num_slices)}
+        walks[name] = (key_call, down, up, refs)
+    return walks
+
+
+def replay(walk, rules: StopRules):
+    """{slice: mask} that ``propagate`` would return with ``rules`` (same hysteresis)."""
+    (key_index, key_mask, _), down, up, _ = walk
+    key_area = int(key_mask.sum())
+    out = {key_index: key_mask}
+    for calls in (down, up):
+        previous, pending = key_mask, []
+        for index, mask, iou in calls:
+            if rules.failures(mask, previous, iou, key_area):
+                pending.append((index, mask))
+                if len(pending) >= rules.patience:
+                    pending = []
+                    break
+            else:
+                out.update({i: m for i, m in pending if m.any()})
+                pending = []
+                if mask.any():
+                    out[index] = mask
+            previous = mask
+        out.update({i: m for i, m in pending if m.any()})
+    return out
+
+
+def cut_at_reference_extent(walk):
+    (key_index, key_mask, _), down, up, refs = walk
+    out = {key_index: key_mask}
+    for calls in (down, up):
+        for index, mask, _ in calls:
+            if not refs[index].any():
+                break
+            out[index] = mask
+    return out
+
+
+def dice3d(masks, refs) -> float:
+    inter = sum(int(np.logical_and(m, refs[i]).sum()) for i, m in masks.items())
+    total = sum(int(m.sum()) for m in masks.values()) + sum(int(r.sum()) for r in refs.values())
+    return 2.0 * inter / total if total else 1.0
+
+
+def mean_dice(walks, choose) -> float:
+    return float(np.mean([dice3d(choose(w), w[3]) for w in walks.values()]))
+
+
+def _strategy(text: str):
+    base = STRATEGIES["adaptive"]
+    if not text:
+        return base
+    kwargs = {}
+    for item in text.split(","):
+        key, value = item.split("=")
+        kwargs[key.strip()] = None if value.strip() == "None" else float(value)
+    return replace(base, **kwargs)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"))
+    parser.add_argument("--window", default="40,400")
+    parser.add_argument("--strategy", default="", help='e.g. "key_roi=0.15,grow_fraction=0.1"')
+    parser.add_argument("--cache-dir", help="keep slice embeddings in this folder")
+    args = parser.parse_args(argv)
+    if not DATA.is_dir():
+        print(f"shared data not found: {DATA}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    image = load_volume(DATA / "ct.nii.gz")
+    reference = np.asarray(load_volume(DATA / "labels.nii.gz").array).astype(np.int64)
+    names = {int(k): v for k, v in json.loads((DATA / "labels.json").read_text()).items()}
+    cache = EmbeddingCache(budget_mb=2048, disk_dir=args.cache_dir)
+    segmenter = Segmenter(
+        image,
+        "litemedsam",
+        orientation=args.axis,
+        intensity=parse_intensity(args.window),
+        device="cpu",
+        cache=cache,
+    )
+    walks = record_walks(segmenter, reference, names, _strategy(args.strategy))
+    print(
+        f"{len(walks)} structures, {args.axis}, window {args.window}, strategy "
+        f"{args.strategy or 'adaptive'} ({time.perf_counter() - t0:.0f} s)"
+    )
+    print(f"no stop           {mean_dice(walks, lambda w: replay(w, NO_STOP)):.4f}")
+    print(f"reference extent  {mean_dice(walks, cut_at_reference_extent):.4f}")
+    print(f"default rules     {mean_dice(walks, lambda w: replay(w, StopRules())):.4f}")
+    grid = []
+    for min_iou, patience, min_overlap, min_area in itertools.product(
+        (None, 0.6, 0.65, 0.7, 0.75, 0.8), (1, 2, 3), (None, 0.3, 0.5), (None, 0.1, 0.2, 0.3)
+    ):
+        rules = StopRules(
+            min_iou=min_iou,
+            patience=patience,
+            min_overlap=min_overlap,
+            min_area_fraction=min_area,
+        )
+        grid.append((mean_dice(walks, lambda w, r=rules: replay(w, r)), rules))
+    grid.sort(key=lambda item: -item[0])
+    for score, rules in grid[:5]:
+        print(
+            f"best grid rules   {score:.4f}  min_iou={rules.min_iou} patience={rules.patience} "
+            f"min_overlap={rules.min_overlap} min_area_fraction={rules.min_area_fraction}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
