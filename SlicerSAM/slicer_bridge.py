@@ -60,6 +60,59 @@ def check_orientation(orientation: str) -> str:
     return orientation
 
 
+def prompt_points_ras(prompts: Prompts) -> np.ndarray:
+    """(N, 3) RAS points that locate RAS ``prompts``: every point, and the box's centre (a box
+    drawn in a slice view is centred on its plane). Empty for voxel-frame prompts."""
+    if prompts.frame != "ras":
+        return np.zeros((0, 3))
+    points = [np.asarray(p.position, dtype=np.float64) for p in prompts.points]
+    if prompts.box is not None:
+        points.append(np.asarray(prompts.box.corners(), dtype=np.float64).reshape(-1, 3).mean(0))
+    return np.asarray(points, dtype=np.float64).reshape(-1, 3)
+
+
+def view_of_points(
+    points_ras,
+    slice_to_ras: Mapping[str, object],
+    preferred: Optional[str] = None,
+    tolerance_mm: float = 0.01,
+) -> Optional[str]:
+    """The slice view whose plane holds every prompt point: the view the prompts were placed in.
+
+    A point placed in a slice view lies on that view's plane (to rounding); the module then
+    segments along that view's orientation, so prompts placed in the Yellow view segment a
+    sagittal slice even when another view was chosen before.
+
+    Args:
+        points_ras: (N, 3) RAS points (control points; an ROI's centre).
+        slice_to_ras: {view name: 4 x 4 ``SliceToRAS`` matrix of its slice node} (columns: the
+            plane's x axis, y axis, normal and origin in RAS).
+        preferred: the view to keep when several hold every point (a point on the line where
+            two planes cross).
+        tolerance_mm: largest distance from a plane that counts as "on" it.
+
+    Returns:
+        A view name, or None when there is no point or no single plane holds all of them (points
+        placed in the 3D view, or in different views).
+    """
+    points = np.asarray(points_ras, dtype=np.float64).reshape(-1, 3)
+    if len(points) == 0:
+        return None
+    holding = []
+    for name, matrix in slice_to_ras.items():
+        m = np.asarray(matrix, dtype=np.float64).reshape(4, 4)
+        normal = m[:3, 2]
+        length = float(np.linalg.norm(normal))
+        if length == 0.0:
+            continue
+        distance = np.abs((points - m[:3, 3]) @ (normal / length))
+        if float(distance.max()) <= tolerance_mm:
+            holding.append(name)
+    if not holding:
+        return None
+    return preferred if preferred in holding else holding[0]
+
+
 def slice_index_at(volume, plane, ras: Sequence[float]) -> Optional[int]:
     """Index of the slice of ``plane`` through RAS point ``ras``; None when outside the volume.
 

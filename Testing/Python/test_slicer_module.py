@@ -210,6 +210,18 @@ LOGIC_FLOW = STUBS + textwrap.dedent(
     accepted = labels.copy()
     pending_after_accept = logic.pending
     undone = logic.undo()
+    writes_ok = writes[0] == region and len(writes) == 2
+    restored = bool(np.array_equal(labels, before))
+    # accept again, then delete the segment: undo must say so, not report success
+    logic.segmentSlice(prompts=prompts)
+    logic.accept(segment, "s1")
+    segment.GetSegmentation = lambda: types.SimpleNamespace(GetSegment=lambda i: None)
+    kept = labels.copy()
+    try:
+        logic.undo()
+        gone_error = ""
+    except ValueError as error:
+        gone_error = str(error)
     other = [a for a in range(3) if a != plane.axis]
     print(json.dumps({
         "index": index,
@@ -217,12 +229,14 @@ LOGIC_FLOW = STUBS + textwrap.dedent(
         "shape_ok": tuple(result.mask.shape) == tuple(plane.grid_shape),
         "dice": float(dice),
         "candidate": candidate,
-        "writes_are_the_region": writes[0] == region and len(writes) == 2,
+        "writes_are_the_region": writes_ok,
         "slices_written": np.flatnonzero((accepted != before).any(axis=tuple(other))).tolist(),
         "far_voxel_kept": int(accepted[0, 0, 0]),
         "pending_after_accept": pending_after_accept is None,
         "undone": undone,
-        "restored": bool(np.array_equal(labels, before)),
+        "restored": restored,
+        "gone_error": gone_error,
+        "gone_untouched": bool(np.array_equal(labels, kept)),
         "range_up": list(logic._propagationRange("up")),
         "range_down": list(logic._propagationRange("down")),
         "range_roi": list(logic._propagationRange("roi")),
@@ -253,6 +267,8 @@ def test_logic_segments_accepts_and_undoes_with_the_real_model(tmp_path, litemed
     assert info["slices_written"] == [index]  # only the prompted slice changed
     assert info["far_voxel_kept"] == 1 and info["pending_after_accept"]
     assert info["undone"] and info["restored"]
+    assert "s1" in info["gone_error"] and "deleted" in info["gone_error"]
+    assert info["gone_untouched"]
     assert info["range_up"] == [index, info["num_slices"] - 1]
     assert info["range_down"] == [0, index]
     assert info["range_roi"] == [index, index]
@@ -407,6 +423,42 @@ def test_oblique_slice_view_is_a_clear_error(name):
 
 def test_default_views_are_slicer_conventions():
     assert bridge.VIEW_ORIENTATIONS == {"Red": "axial", "Yellow": "sagittal", "Green": "coronal"}
+
+
+def _slice_to_ras(normal_axis: int, offset: float) -> np.ndarray:
+    """A slice node's SliceToRAS for an axis-aligned view at ``offset`` mm along its normal."""
+    m = np.eye(4)
+    columns = {2: (0, 1, 2), 0: (1, 2, 0), 1: (0, 2, 1)}[normal_axis]  # x, y, normal axes
+    m[:3, :3] = np.eye(3)[:, columns]
+    m[normal_axis, 3] = offset
+    return m
+
+
+def test_prompts_segment_along_the_view_they_were_placed_in():
+    views = {
+        "Red": _slice_to_ras(2, 12.0),  # axial plane S = 12
+        "Yellow": _slice_to_ras(0, -30.5),  # sagittal plane R = -30.5
+        "Green": _slice_to_ras(1, 4.0),  # coronal plane A = 4
+    }
+    placed_in_yellow = [[-30.5, 10.0, 50.0], [-30.5, -22.0, 61.0]]
+    assert bridge.view_of_points(placed_in_yellow, views, preferred="Red") == "Yellow"
+    assert bridge.view_of_points([[5.0, 4.0, -70.0]], views) == "Green"
+    # a point where the Red and Green planes cross: the current view is kept
+    crossing = [[20.0, 4.0, 12.0]]
+    assert bridge.view_of_points(crossing, views, preferred="Green") == "Green"
+    assert bridge.view_of_points(crossing, views, preferred="Red") == "Red"
+    # points from two different views, a point off every plane, no point: no view
+    assert bridge.view_of_points([[-30.5, 0, 0], [0, 0, 12.0]], views) is None
+    assert bridge.view_of_points([[1.0, 2.0, 3.0]], views) is None
+    assert bridge.view_of_points(np.zeros((0, 3)), views) is None
+    # what the module passes: the points and the ROI's centre of the markups prompts
+    prompts = bridge.prompts_from_markups(
+        [[-30.5, 10.0, 50.0]], [[-30.5, 0.0, 40.0]], [-30.5, -30.5, -5.0, 5.0, 30.0, 70.0]
+    )
+    anchors = bridge.prompt_points_ras(prompts)
+    assert anchors.shape == (3, 3)
+    np.testing.assert_allclose(anchors[2], [-30.5, 0.0, 50.0])
+    assert bridge.view_of_points(anchors, views, preferred="Red") == "Yellow"
 
 
 def test_prompts_from_markups_keeps_polarity_and_ras_box():
