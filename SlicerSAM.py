@@ -1364,16 +1364,34 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         return segmentation.AddEmptySegment("", name, (0.9, 0.45, 0.2))
 
     def _prepareSegmentation(self, segmentationNode):
+        from SlicerSAM.editing import same_grid
+
         self._requireVolume()
         if segmentationNode.GetParentTransformNode() is not None:
             raise ValueError("The segmentation is under a transform: harden it first.")
-        if (
-            segmentationNode.GetNodeReference(
-                segmentationNode.GetReferenceImageGeometryReferenceRole()
-            )
-            is None
-        ):
+        role = segmentationNode.GetReferenceImageGeometryReferenceRole()
+        reference = segmentationNode.GetNodeReference(role)
+        if reference is None:
             segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(self.volumeNode)
+        elif reference is not self.volumeNode and reference.IsA("vtkMRMLVolumeNode"):
+            # writing on another grid would make Slicer resample the whole segment (and the
+            # rest of its layer) onto ours: refuse rather than change what the user did not edit
+            matrix = vtk.vtkMatrix4x4()
+            reference.GetIJKToRASMatrix(matrix)
+            image = reference.GetImageData()
+            shape = tuple(reversed(image.GetDimensions())) if image is not None else (0, 0, 0)
+            if not same_grid(
+                self.volume.shape,
+                self.volume.ijk_to_ras,
+                shape,
+                slicer.util.arrayFromVTKMatrix(matrix),
+            ):
+                raise ValueError(
+                    f"Segmentation {segmentationNode.GetName()} was made on "
+                    f"{reference.GetName()}, whose voxel grid differs from "
+                    f"{self.volumeNode.GetName()}: choose or create a segmentation on this "
+                    "volume (writing into this one would resample its segments)."
+                )
 
     def _segmentArray(self, segmentationNode, segmentId):
         """The segment as a 0/1 uint8 (K, J, I) array on the input volume's grid."""
