@@ -1290,6 +1290,7 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
 
     def clearKeys(self):
         self.keyMasks = {}
+        self.lastPropagation = None  # ({slice: mask}, slice range) of the last propagate()
         self.lastResult = None
         self.lastPrompts = None
         self.candidate = 0
@@ -1328,16 +1329,24 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         segmenter = self._getSegmenter()
         sliceRange = self._propagationRange(direction, roiNode)
         self.log(f"SlicerSAM: propagating from slice(s) {sorted(self.keyMasks)} ({direction})")
-        result = self._runPropagation(segmenter, dict(self.keyMasks), sliceRange, progress, cancel)
+        existing = None
+        if self.lastPropagation is not None and self.lastPropagation[1] == sliceRange:
+            existing = self.lastPropagation[0]  # after a correction: redo only its neighbourhood
+        result = self._runPropagation(
+            segmenter, dict(self.keyMasks), sliceRange, progress, cancel, existing
+        )
+        self.lastPropagation = (dict(result.masks), sliceRange)
         self.pending = dict(result.masks)
         self.showPreview(self.pending)
         return result
 
-    def _runPropagation(self, segmenter, keys, sliceRange, progress, cancel):
+    def _runPropagation(self, segmenter, keys, sliceRange, progress, cancel, existing=None):
         """The one call of the engine's ``propagate`` (adapt here if its signature changes).
 
         ``keys`` maps slice index -> SliceResult or bool grid; ``sliceRange`` (first, last) or
-        None. Returns the engine's result (``.masks``: {slice index: bool grid}).
+        None; ``existing`` the masks of the previous propagation over the same range: only the
+        gaps next to new or changed keys are recomputed. Returns the engine's result (``.masks``:
+        {slice index: bool grid}).
         """
         from SlicerSAM.propagation import propagate
 
@@ -1347,6 +1356,7 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
             slice_range=sliceRange,
             progress=progress or (lambda done, total, message="": None),
             cancel=cancel or (lambda: False),
+            existing=existing,
         )
 
     # ---------------------------------------------------------------- segments: accept, undo

@@ -274,6 +274,101 @@ def test_logic_segments_accepts_and_undoes_with_the_real_model(tmp_path, litemed
     assert info["range_roi"] == [index, index]
 
 
+REPROPAGATE_FLOW = STUBS + textwrap.dedent(
+    """
+    import numpy as np
+    from SlicerSAM.phantom import make_phantom
+    from SlicerSAM.propagation import propagate
+    from SlicerSAM.prompts import Box, Prompts
+    from SlicerSAM.segmenter import SliceResult
+    from SlicerSAM.slicing import plane_for
+
+    # The Logic's propagate -> correct a slice -> propagate again, with a box-following fake
+    # model (the labelled voxels inside the box) that counts its calls.
+    phantom = make_phantom(0)
+    liver = phantom.labels.array == 1
+
+    class Fake:
+        def __init__(self, volume):
+            self.volume = volume
+            self.plane = plane_for(volume, "axial")
+            self.calls = 0
+
+        def segment(self, index, prompts, multimask=None):
+            self.calls += 1
+            grid = np.asarray(self.plane.grid(liver, index), bool)
+            image = np.asarray(self.plane.to_image(grid.astype(np.float32), order=0)) > 0.5
+            rows, cols = image.shape
+            yy, xx = np.mgrid[:rows, :cols]
+            x0, y0, x1, y1 = prompts.box_xyxy
+            inside = image & (xx >= x0) & (xx <= x1) & (yy >= y0) & (yy <= y1)
+            mask = np.asarray(self.plane.to_grid(inside.astype(np.float32), order=0)) > 0.5
+            return SliceResult(index, mask[None], np.array([0.9]), 0, np.zeros((1, 256, 256)))
+
+    logic = loaded.SlicerSAMLogic()
+    logic.volume = phantom.image
+    fake = Fake(phantom.image)
+    logic._getSegmenter = lambda: fake
+    logic.plane = lambda: fake.plane
+    logic.showPreview = lambda masks: None
+    plane = fake.plane
+    present = [i for i in range(plane.num_slices) if plane.grid(liver, i).any()]
+
+    def box_prompts(index, part=1.0):
+        on_slice = np.zeros(liver.shape, bool)
+        grid = np.asarray(plane.grid(liver, index), bool).copy()
+        cols = np.flatnonzero(grid.any(axis=0))
+        grid[:, cols[0] + int(part * len(cols)) :] = False  # part < 1: a smaller box
+        plane.set_grid(on_slice, index, grid)
+        kji = np.argwhere(on_slice)
+        return Prompts(box=Box(tuple(kji.min(0)), tuple(kji.max(0))), frame="kji")
+
+    key = present[len(present) // 2]
+    logic.segmentSlice(prompts=box_prompts(key))
+    before = fake.calls
+    first = logic.propagate("both")
+    first_calls = fake.calls - before
+    # the user corrects a slice near the end: a box over part of it (a different mask)
+    corrected = present[-3]
+    logic.segmentSlice(prompts=box_prompts(corrected, part=0.6))
+    changed = not np.array_equal(logic.pending[corrected], first.masks.get(corrected))
+    before = fake.calls
+    second = logic.propagate("both")
+    second_calls = fake.calls - before
+    fresh = propagate(Fake(phantom.image), dict(logic.keyMasks))
+    same = sorted(second.masks) == sorted(fresh.masks) and all(
+        np.array_equal(second.masks[i], fresh.masks[i]) for i in fresh.masks
+    )
+    print(json.dumps({
+        "first_calls": first_calls,
+        "second_calls": second_calls,
+        "first_slices": len(first.masks),
+        "second_slices": len(second.masks),
+        "same_as_fresh": bool(same),
+        "changed": bool(changed),
+        "pending": sorted(logic.pending) == sorted(second.masks),
+    }))
+    """
+)
+
+
+def test_logic_repropagates_only_around_a_corrected_slice(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", REPROPAGATE_FLOW, str(ROOT)],
+        cwd=tmp_path,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    assert info["first_slices"] >= 10 and info["changed"], info
+    # the second run recomputes only the gap between the keys and the walk beyond the new one
+    assert 0 < info["second_calls"] < info["first_calls"], info
+    assert info["same_as_fresh"] and info["pending"], info
+
+
 # ---------------------------------------------------------------------------------------------
 # (b) plain Python gets the engine package
 # ---------------------------------------------------------------------------------------------
