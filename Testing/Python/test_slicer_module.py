@@ -133,17 +133,23 @@ LOADER = STUBS + textwrap.dedent(
 )
 
 
-def test_slicer_loader_makes_the_module_file_the_engine_package(tmp_path):
+def _run_flow(script: str, cwd, timeout: int = 300) -> dict:
+    """Run a stubbed-Slicer script in a fresh interpreter; its last stdout line is JSON."""
     result = subprocess.run(
-        [sys.executable, "-c", LOADER, str(ROOT)],
-        cwd=tmp_path,  # not the repo: the module file itself must make sam_core importable
+        [sys.executable, "-c", script, str(ROOT)],
+        cwd=cwd,
         env=_clean_env(),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
-    assert result.returncode == 0, result.stderr
-    info = json.loads(result.stdout.strip().splitlines()[-1])
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_slicer_loader_makes_the_module_file_the_engine_package(tmp_path):
+    # run outside the repo: the module file itself must make sam_core importable
+    info = _run_flow(LOADER, tmp_path, timeout=120)
     assert info["same_module"]
     assert info["classes"] == [
         "SlicerSAM",
@@ -249,16 +255,7 @@ LOGIC_FLOW = STUBS + textwrap.dedent(
 @pytest.mark.slow
 def test_logic_segments_accepts_and_undoes_with_the_real_model(tmp_path, litemedsam_checkpoint):
     pytest.importorskip("torch")
-    result = subprocess.run(
-        [sys.executable, "-c", LOGIC_FLOW, str(ROOT)],
-        cwd=tmp_path,
-        env=_clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    info = json.loads(result.stdout.strip().splitlines()[-1])
+    info = _run_flow(LOGIC_FLOW, tmp_path)
     index = info["index"]
     assert info["result_index"] == index and info["shape_ok"]
     assert info["dice"] > 0.6, info  # a tight box on the phantom's liver
@@ -353,16 +350,7 @@ REPROPAGATE_FLOW = STUBS + textwrap.dedent(
 
 
 def test_logic_repropagates_only_around_a_corrected_slice(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-c", REPROPAGATE_FLOW, str(ROOT)],
-        cwd=tmp_path,
-        env=_clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    info = json.loads(result.stdout.strip().splitlines()[-1])
+    info = _run_flow(REPROPAGATE_FLOW, tmp_path)
     assert info["first_slices"] >= 10 and info["changed"], info
     # the second run recomputes only the gap between the keys and the walk beyond the new one
     assert 0 < info["second_calls"] < info["first_calls"], info
