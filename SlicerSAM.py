@@ -1653,6 +1653,11 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         self._metricsTable = table
         chart = None
         if showChart and perSlice:
+            for role in ("chart", "table"):  # the user may have deleted the earlier plot
+                node = self._plotNodes.get(role)
+                if node is not None and slicer.mrmlScene.GetNodeByID(node.GetID()) is None:
+                    self._plotNodes = {}
+                    break
             indices, values = slice_dice_series(perSlice)
             chart = slicer.util.plot(
                 np.column_stack([indices, values]),
