@@ -135,6 +135,7 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observedPrompts = []
         self._shortcuts = []
         self._encodeFuture = None
+        self._busy = False  # a propagation is running on the worker thread
         self._previewTimer = None
         self._encodeTimer = None
 
@@ -633,6 +634,9 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onPreviewTimeout(self):
         # Live preview runs while the user drags points: a half-placed prompt (points on two
         # slices, a box outside the volume) is reported in the status bar, not in a modal dialog.
+        if self._busy:
+            self._previewTimer.start()  # again once the propagation has finished
+            return
         try:
             self._segmentCurrentPrompts(live=True)
         except Exception as exc:
@@ -680,8 +684,8 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onEncodePoll(self):
         future = self._encodeFuture
-        if future is None or not future.done():
-            return
+        if future is None or not future.done() or self._busy:
+            return  # (busy: a propagation holds the model; the timer polls again after it)
         self._encodeTimer.stop()
         self._encodeFuture = None
         with slicer.util.tryWithErrorDisplay("Encoding the slice failed."):
@@ -721,25 +725,35 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---------------------------------------------------------------- slots: propagate, accept
     def onPropagate(self):
+        """Propagate on a worker thread; this (GUI) thread shows progress and reads Cancel."""
         from SlicerSAM.errors import Cancelled
+        from SlicerSAM.slicer_bridge import run_polling
 
         with slicer.util.tryWithErrorDisplay("Propagation failed."):
             self._ensureReady()
+            work = self.logic.propagationWork(
+                direction=self.directionCombo.currentText, roiNode=self.roiSelector.currentNode()
+            )
             dialog = slicer.util.createProgressDialog(
                 parent=slicer.util.mainWindow(), windowTitle="SlicerSAM", labelText="Propagating..."
             )
+            state = {"done": 0, "total": 1, "message": "", "cancel": False}  # shared plain data
+
+            def progress(done, total, message=""):  # worker thread: no Qt, no MRML
+                state.update(done=done, total=total, message=message)
+
+            def poll():  # GUI thread
+                self._onProgress(dialog, state["done"], state["total"], state["message"])
+                state["cancel"] = bool(dialog.wasCanceled)
+
+            self._busy = True  # the live preview waits: one user of the model at a time
             try:
-                self.logic.propagate(
-                    direction=self.directionCombo.currentText,
-                    roiNode=self.roiSelector.currentNode(),
-                    progress=lambda done, total, message: self._onProgress(
-                        dialog, done, total, message
-                    ),
-                    cancel=lambda: dialog.wasCanceled,
-                )
+                outcome = run_polling(lambda: work(progress, lambda: state["cancel"]), poll)
+                self.logic.applyPropagation(outcome)
             except Cancelled:
                 self._showStatus("SlicerSAM: propagation cancelled; nothing changed")
             finally:
+                self._busy = False
                 dialog.close()
         self._updateButtons()
 
@@ -1324,17 +1338,31 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         ``progress(done, total, message)`` and ``cancel() -> bool`` are the engine's callbacks
         (cancelling raises ``SlicerSAM.errors.Cancelled`` and changes nothing).
         """
+        work = self.propagationWork(direction, roiNode)
+        return self.applyPropagation(work(progress, cancel))
+
+    def propagationWork(self, direction="both", roiNode=None):
+        """Read the nodes now (GUI thread); return ``work(progress, cancel)``, which runs only
+        the engine (any thread) and returns what :meth:`applyPropagation` takes."""
         if not self.keyMasks:
             raise ValueError("Segment a key slice first.")
         segmenter = self._getSegmenter()
         sliceRange = self._propagationRange(direction, roiNode)
-        self.log(f"SlicerSAM: propagating from slice(s) {sorted(self.keyMasks)} ({direction})")
+        keys = dict(self.keyMasks)
         existing = None
         if self.lastPropagation is not None and self.lastPropagation[1] == sliceRange:
             existing = self.lastPropagation[0]  # after a correction: redo only its neighbourhood
-        result = self._runPropagation(
-            segmenter, dict(self.keyMasks), sliceRange, progress, cancel, existing
-        )
+        self.log(f"SlicerSAM: propagating from slice(s) {sorted(keys)} ({direction})")
+
+        def work(progress=None, cancel=None):
+            result = self._runPropagation(segmenter, keys, sliceRange, progress, cancel, existing)
+            return result, sliceRange
+
+        return work
+
+    def applyPropagation(self, outcome):
+        """Make a finished propagation pending and previewed (GUI thread); returns its result."""
+        result, sliceRange = outcome
         self.lastPropagation = (dict(result.masks), sliceRange)
         self.pending = dict(result.masks)
         self.showPreview(self.pending)

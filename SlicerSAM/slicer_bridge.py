@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from SlicerSAM.errors import PromptError
 from SlicerSAM.prompts import ORIENTATIONS, Box, Point, Prompts
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # ----------------------------------------------------------------------------------------------
 # Slice views
@@ -148,6 +150,34 @@ def slice_mask_ras_bounds(volume, plane, index: int, grid2d: np.ndarray) -> List
     ras = np.asarray(volume.kji_to_ras(corners.astype(np.float64)))
     low, high = ras.min(axis=0), ras.max(axis=0)
     return [float(v) for pair in zip(low, high) for v in pair]
+
+
+def run_polling(work: Callable[[], T], poll: Callable[[], None], interval_s: float = 0.05) -> T:
+    """Run ``work()`` on a worker thread and call ``poll()`` on this thread every ``interval_s``
+    until it ends; return its result, or raise its exception here.
+
+    The Slicer module propagates this way: the worker runs only the engine (no MRML, no Qt), and
+    the GUI thread keeps painting, moves the progress bar and reads the Cancel button in
+    ``poll`` (it hands the engine its answer through plain Python data). ``poll`` runs at least
+    once, after the work has ended too.
+    """
+    outcome: Dict[str, object] = {}
+
+    def target():
+        try:
+            outcome["result"] = work()
+        except BaseException as error:  # re-raised on the calling thread below
+            outcome["error"] = error
+
+    worker = threading.Thread(target=target, name="SlicerSAM-work", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        poll()
+        worker.join(interval_s)
+    poll()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 # ----------------------------------------------------------------------------------------------

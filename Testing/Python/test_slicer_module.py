@@ -704,3 +704,42 @@ def test_slice_mask_ras_bounds_round_trips_through_prompts():
     assert slice_prompts.box_xyxy.tolist() == [cols.min(), rows.min(), cols.max(), rows.max()]
     with pytest.raises(PromptError):
         bridge.slice_mask_ras_bounds(volume, plane, 6, np.zeros(plane.grid_shape, bool))
+
+
+def test_run_polling_keeps_polling_while_the_work_runs_and_returns_its_result():
+    import threading
+    import time
+
+    from SlicerSAM.errors import Cancelled
+
+    started, release = threading.Event(), threading.Event()
+    polls = []
+
+    def work():
+        started.set()
+        release.wait(5)
+        return threading.current_thread().name
+
+    def poll():
+        polls.append(started.is_set())
+        if len(polls) == 3:
+            release.set()  # the "GUI" lets the work finish after a few polls
+
+    assert bridge.run_polling(work, poll, interval_s=0.01) == "SlicerSAM-work"
+    assert len(polls) >= 4 and polls[-1]  # polled while running and once after
+
+    # the engine's exception (here a cancel read from state the poll sets) reaches the caller
+    state = {"cancel": False}
+
+    def cancellable():
+        for _ in range(500):
+            if state["cancel"]:
+                raise Cancelled("propagation cancelled")
+            time.sleep(0.01)
+        return "finished"
+
+    def press_cancel():
+        state["cancel"] = True
+
+    with pytest.raises(Cancelled):
+        bridge.run_polling(cancellable, press_cancel, interval_s=0.01)
