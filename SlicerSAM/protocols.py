@@ -211,6 +211,14 @@ def error_click(pred_img: np.ndarray, ref_img: np.ndarray) -> Optional[Tuple[flo
 # ----------------------------------------------------------------------------------------------
 # Protocol runners
 # ----------------------------------------------------------------------------------------------
+def _reference_slices(plane, mask3d: np.ndarray):
+    """(slice index, bool grid) of every slice where the reference is present, in order."""
+    for k in range(plane.num_slices):
+        ref = np.asarray(plane.grid(mask3d, k), dtype=bool)
+        if ref.any():
+            yield k, ref
+
+
 def run_protocol(
     segmenter,
     mask3d: np.ndarray,
@@ -248,10 +256,7 @@ def run_protocol(
 
     if protocol.kind == "box-per-slice":
         out = {}
-        for k in range(plane.num_slices):
-            ref = np.asarray(plane.grid(mask3d, k), dtype=bool)
-            if not ref.any():
-                continue
+        for k, ref in _reference_slices(plane, mask3d):
             check()
             box = reference_box(plane, ref, jitter, rng)
             result = segmenter.segment(k, SlicePrompts(k, box_xyxy=box), multimask=False)
@@ -287,10 +292,7 @@ def run_protocol(
 
     if protocol.kind == "clicks-N":
         out = {}
-        for k in range(plane.num_slices):
-            ref = np.asarray(plane.grid(mask3d, k), dtype=bool)
-            if not ref.any():
-                continue
+        for k, ref in _reference_slices(plane, mask3d):
             check()
             mask = _clicks_on_slice(segmenter, plane, k, ref, protocol.clicks)
             if mask.any():
