@@ -33,13 +33,17 @@ below was measured, docs/propagation.md):
 
 When to stop (:class:`StopRules`, all combinable, each None to disable): predicted IoU below
 ``min_iou`` (0.7); area below ``min_area_fraction`` (0.1) of the key slice's area or below
-``min_pixels`` (4); Dice with the previous slice below ``min_overlap`` (0.3: a jump);
-optionally area growth beyond ``growth_limit`` times the previous slice or ``max_area_factor``
-times the key slice, ``max_slices`` per walk, and the ``slice_range`` of :func:`propagate`.
-Hysteresis (``patience``, 2): a walk stops only after ``patience`` consecutive slices fail a rule,
-and those failed slices are dropped; a single failing slice followed by a good one is kept. At the
-end of an organ, SAM's predicted IoU falls as the box closes on other tissue: that is the signal
-that stops walks before they leak (docs/propagation.md).
+``min_pixels`` (4); Dice with the previous slice below ``min_overlap`` (0.3: a jump); the image
+encoder's view of the mask changing abruptly (``max_feature_drop``, 0.06: the cosine similarity of
+the mean embedding vectors under this and the previous slice's mask falls that far below its
+median over the walk); optionally area growth beyond ``growth_limit`` times the previous slice or
+``max_area_factor`` times the key slice, ``max_slices`` per walk, and the ``slice_range`` of
+:func:`propagate`. Hysteresis (``patience``, 2): a walk stops only after ``patience`` consecutive
+slices fail a rule, and those failed slices are dropped; a single failing slice followed by a good
+one is kept. At the end of an organ, SAM's predicted IoU falls as the box closes on other tissue:
+that is the signal that stops most walks before they leak. Where the neighbour looks the same
+(the next vertebra), the model stays confident and only the feature similarity dips, at the disc
+between them (docs/propagation.md).
 
 Several key slices: each gap between two key slices is filled from both ends, each walk covering
 its half ("meeting in the middle": a slice takes the mask of the nearer key's walk; the middle
@@ -75,6 +79,7 @@ __all__ = [
     "STRATEGIES",
     "StopRules",
     "box_of_mask",
+    "feature_similarity",
     "interior_point",
     "propagate",
 ]
@@ -100,6 +105,16 @@ class StopRules:
         growth_limit: stop when the area grows beyond this factor of the previous slice's area
             (a leak into a neighbour typically grows the area fast).
         max_area_factor: stop when the area exceeds this factor of the key slice's area.
+        max_feature_drop: stop when the similarity of this slice to the previous one, as the
+            image encoder sees them, drops more than this below its typical value in the walk.
+            The similarity is the cosine between the mean embedding vectors under the two masks
+            (``Segmenter.mask_features``); "typical" is the median over the slices the walk has
+            accepted so far (the first step cannot fail). Crossing into a neighbour that looks the
+            same slice by slice (the next vertebra across a disc) makes it dip for a slice or two
+            while the predicted IoU stays high. Needs a segmenter with ``mask_features``.
+        feature_min_cells: the feature rule compares two slices only when both masks cover at
+            least this many cells of the image embedding (64 x 64 for LiteMedSAM): the mean over
+            a handful of cells is noise (a spinal cord's cross-section covers about 5).
         patience: stop only after this many consecutive failing slices, then drop them (1: stop at
             the first failing slice and drop it).
     """
@@ -111,6 +126,8 @@ class StopRules:
     max_slices: Optional[int] = None
     growth_limit: Optional[float] = None
     max_area_factor: Optional[float] = None
+    max_feature_drop: Optional[float] = 0.06
+    feature_min_cells: float = 24.0
     patience: int = 2
 
     def __post_init__(self):
@@ -120,9 +137,17 @@ class StopRules:
             raise ValueError(f"max_slices must be >= 0, got {self.max_slices}")
 
     def failures(
-        self, mask: np.ndarray, previous: Optional[np.ndarray], iou: float, key_area: int
+        self,
+        mask: np.ndarray,
+        previous: Optional[np.ndarray],
+        iou: float,
+        key_area: int,
+        similarity: Optional[float] = None,
+        typical: Optional[float] = None,
     ) -> List[str]:
-        """Names of the rules ``mask`` fails ("empty", "area", "iou", "overlap", "growth")."""
+        """Names of the rules ``mask`` fails ("empty", "area", "iou", "overlap", "growth",
+        "features"). ``similarity``: feature similarity to the previous slice, ``typical``: its
+        median over the walk so far (either None: the feature rule is not checked)."""
         failed = []
         area = int(mask.sum())
         if self.min_pixels is not None and area < int(self.min_pixels):
@@ -139,11 +164,34 @@ class StopRules:
             if self.growth_limit is not None and area > self.growth_limit * int(previous.sum()):
                 if "growth" not in failed:
                     failed.append("growth")
+        if (
+            self.max_feature_drop is not None
+            and similarity is not None
+            and typical is not None
+            and similarity < typical - self.max_feature_drop
+        ):
+            failed.append("features")
         return failed
 
 
+def feature_similarity(a, b, rules: StopRules) -> Optional[float]:
+    """Cosine similarity of two ``mask_features`` results (vector, cells), or None when either
+    mask covers fewer than ``rules.feature_min_cells`` embedding cells."""
+    (va, cells_a), (vb, cells_b) = a, b
+    if min(cells_a, cells_b) < float(rules.feature_min_cells):
+        return None
+    va, vb = np.asarray(va, dtype=np.float64), np.asarray(vb, dtype=np.float64)
+    norm = float(np.linalg.norm(va) * np.linalg.norm(vb))
+    return float(va @ vb) / norm if norm > 0 else None
+
+
 NO_STOP = StopRules(
-    min_overlap=None, min_iou=None, min_area_fraction=None, min_pixels=None, patience=1
+    min_overlap=None,
+    min_iou=None,
+    min_area_fraction=None,
+    min_pixels=None,
+    max_feature_drop=None,
+    patience=1,
 )
 
 
@@ -357,6 +405,9 @@ class _Context:
         self.total = max(int(total), 1)
         self.visited: List[int] = []
         self.volume = getattr(segmenter, "volume", None)
+        self._mask_features = getattr(segmenter, "mask_features", None)
+        if rules.max_feature_drop is None:
+            self._mask_features = None
         self._intensity: Dict[int, np.ndarray] = {}
         self.model_scale = 1.0  # model-frame pixels per model-image pixel
         if strategy.margin_frame == "model":
@@ -375,6 +426,13 @@ class _Context:
             self.visited.append(index)
             self.progress(min(len(self.visited), self.total), self.total, f"slice {index}")
         return result
+
+    def features(self, index: int, mask: np.ndarray) -> Optional[Tuple[np.ndarray, float]]:
+        """(mean embedding vector, cells covered) of slice ``index`` under ``mask`` (grid), or
+        None when the mask is empty or the segmenter cannot say (``Segmenter.mask_features``)."""
+        if self._mask_features is None or not mask.any():
+            return None
+        return self._mask_features(index, mask)
 
     # -- images ---------------------------------------------------------------------------------
     def intensity(self, index: int) -> Optional[np.ndarray]:
@@ -563,6 +621,8 @@ class _Walk:
         self.prev_mask = key.mask
         self.prev_img = ctx.to_image(key.mask)
         self.prev_logits = key.logits
+        self.prev_features = None  # (vector, cells) of the last non-empty mask (lazily for the key)
+        self.similarities: List[float] = []  # feature similarity of each accepted step
         self.accepted: Dict[int, np.ndarray] = {}
         self.pending: List[Tuple[int, np.ndarray]] = []
         self.count = 0
@@ -610,7 +670,11 @@ class _Walk:
             mask = _touching(mask, self.prev_mask, float(s.keep_connected))
         self.pos = index
         self.count += 1
-        failed = rules.failures(mask, self.prev_mask, iou, self.key.area)
+        similarity, features = self._similarity(index, mask)
+        typical = float(np.median(self.similarities)) if self.similarities else None
+        failed = rules.failures(mask, self.prev_mask, iou, self.key.area, similarity, typical)
+        if features is not None:
+            self.prev_features = features
         if failed:
             self.pending.append((index, mask))
             if len(self.pending) >= rules.patience:
@@ -621,6 +685,8 @@ class _Walk:
             self._flush()
             if mask.any():
                 self.accepted[index] = mask
+            if similarity is not None:
+                self.similarities.append(similarity)
         if mask.any() or not s.fallback_to_key:
             self.prev_mask = mask
             self.prev_img = ctx.to_image(mask)
@@ -634,6 +700,19 @@ class _Walk:
             self._stop("max_slices")
         elif self._beyond(self.pos + self.step):
             self._stop("end")
+
+    def _similarity(self, index: int, mask: np.ndarray):
+        """(cosine similarity of ``mask``'s features to the previous non-empty mask's, ``mask``'s
+        (features, cells)). The similarity is None where either is unknown (feature rule off,
+        empty mask, segmenter without features) or covers fewer than ``feature_min_cells``."""
+        features = self.ctx.features(index, mask)
+        if features is None:
+            return None, None
+        if self.prev_features is None and self.prev_mask.any():
+            self.prev_features = self.ctx.features(self.prev_index, self.prev_mask)
+        if self.prev_features is None:
+            return None, features
+        return feature_similarity(features, self.prev_features, self.ctx.rules), features
 
     def _flush(self) -> None:
         for index, mask in self.pending:

@@ -304,7 +304,12 @@ def run_protocol(
 
 # box3d-propagate: inside the known slice range, only an empty slice (confirmed at once) stops
 BOX3D_STOP = StopRules(
-    min_overlap=None, min_iou=None, min_area_fraction=None, min_pixels=1, patience=1
+    min_overlap=None,
+    min_iou=None,
+    min_area_fraction=None,
+    min_pixels=1,
+    max_feature_drop=None,
+    patience=1,
 )
 
 

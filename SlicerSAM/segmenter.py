@@ -442,6 +442,20 @@ class Segmenter:
             low_res_logits=np.asarray(low_res, dtype=np.float32),
         )
 
+    def mask_features(self, index: int, mask: np.ndarray) -> Optional[Tuple[np.ndarray, float]]:
+        """(mean image-embedding vector (C,) float32 of slice ``index`` under ``mask``, the number
+        of embedding cells the mask covers); None for an empty mask. ``mask`` is (rows, cols) on
+        the slice grid. Encodes the slice if needed. Propagation compares these between slices
+        (``StopRules.max_feature_drop``); ``SamPredictor.mask_features`` says how."""
+        index = self.check_index(index)
+        mask = np.asarray(mask)
+        if tuple(mask.shape) != tuple(self.plane.grid_shape):
+            raise PromptError(
+                f"mask shape {mask.shape} differs from the {self.plane.orientation} slice grid "
+                f"{tuple(self.plane.grid_shape)} (rows, cols)"
+            )
+        return self.predictor.mask_features(mask, self.embedding(index))
+
     def segment_prompts(
         self, prompts: Prompts, index: Optional[int] = None, multimask: Optional[bool] = None
     ) -> SliceResult:

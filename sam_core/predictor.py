@@ -30,6 +30,7 @@ from sam_core.transforms import (
     apply_coords,
     as_size,
     get_preprocess_shape,
+    mask_to_frame,
     postprocess_masks,
     preprocess_image,
 )
@@ -270,6 +271,34 @@ class SamPredictor:
         return _mask_to_low_res(
             mask, input_size, img_size, magnitude=MASK_PROMPT_LOGIT, low_res_size=self.low_res_size
         )
+
+    def mask_features(self, mask: np.ndarray, embedding: Optional[ImageEmbedding] = None):
+        """The mean image-embedding vector under a mask, and how much of the embedding it covers.
+
+        ``mask`` (H, W) may be on any grid covering the image's field of view (as for
+        :meth:`mask_to_low_res`); each embedding cell is weighted by the fraction of it the mask
+        covers. ``embedding`` defaults to the current one. Two masks whose features point the same
+        way (cosine similarity near 1) hold what the encoder sees as the same kind of tissue.
+
+        Returns:
+            (features (C,) float32 numpy, cells: the number of embedding cells the mask covers,
+            fractions summed: a mean over a few cells is noisy), or None for an empty mask.
+        """
+        emb = embedding if embedding is not None else self._require_image()
+        mask = np.asarray(mask)
+        if mask.ndim != 2:
+            raise ValueError(f"mask must be H x W, got shape {mask.shape}")
+        features = emb.features[0]  # (C, E, E)
+        weights = mask_to_frame(
+            mask, emb.input_size, self.preprocessing.img_size, int(features.shape[-1])
+        )
+        cells = float(weights.sum())
+        if cells <= 0.0:
+            return None
+        with torch.inference_mode():
+            weights = weights.to(device=features.device, dtype=torch.float32)
+            pooled = torch.einsum("chw,hw->c", features.float(), weights) / cells
+        return pooled.cpu().numpy().astype(np.float32, copy=False), cells
 
     def _check_points(self, point_coords, point_labels):
         if point_coords is None and point_labels is None:

@@ -207,6 +207,36 @@ def postprocess_masks(
     return resized[..., :out_h, :out_w]
 
 
+def mask_to_frame(
+    mask: np.ndarray, input_size: Size, img_size: int, frame_size: int
+) -> torch.Tensor:
+    """A mask (H, W) -> its coverage (frame_size, frame_size) float32 in [0, 1] of a square frame
+    that holds the model input at ``frame_size / img_size`` scale: the low-res mask frame (256)
+    or the image embedding's grid (64).
+
+    The mask is resized (bilinear, antialiased: each frame pixel gets roughly the fraction of it
+    the mask covers) onto the unpadded region (``input_size`` scaled by frame_size / img_size);
+    the padding is 0. The mask may be on any grid that covers the same field of view as the image
+    (for example the slice grid when the model image was resampled to square pixels): only its
+    extent matters, not its pixel count. Non-bool masks are foreground where > 0.5.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim == 3 and mask.shape[0] == 1:
+        mask = mask[0]
+    if mask.ndim != 2 or mask.shape[0] == 0 or mask.shape[1] == 0:
+        raise ValueError(f"mask must be a non-empty H x W array, got shape {mask.shape}")
+    rh, rw = low_res_region(input_size, img_size, frame_size)
+    th = min(max(1, round(rh)), frame_size)
+    tw = min(max(1, round(rw)), frame_size)
+    m = torch.from_numpy(np.ascontiguousarray(mask.astype(np.float32, copy=False)))[None, None]
+    m = (m > 0.5).to(torch.float32) if mask.dtype != np.bool_ else m
+    if m.shape[-2:] != (th, tw):
+        m = F.interpolate(m, size=(th, tw), mode="bilinear", align_corners=False, antialias=True)
+    frame = torch.zeros((frame_size, frame_size), dtype=torch.float32)
+    frame[:th, :tw] = m[0, 0]
+    return frame
+
+
 def mask_to_low_res(
     mask: np.ndarray,
     input_size: Size,
@@ -216,27 +246,12 @@ def mask_to_low_res(
 ) -> np.ndarray:
     """An existing segment (H, W) -> (1, 256, 256) float32 logits usable as ``mask_input``.
 
-    The mask is resized (bilinear, antialiased) onto the unpadded low-res region (``input_size``
-    scaled by 256 / img_size), padded with background, and mapped linearly from [0, 1] to
-    [-magnitude, +magnitude] (see MASK_PROMPT_LOGIT). The mask may be on any grid that covers the
-    same field of view as the image (for example the slice grid when the model image was
-    resampled to square pixels): only its extent matters, not its pixel count.
+    The mask's coverage of the low-res frame (:func:`mask_to_frame`: the unpadded region, padded
+    with background) is mapped linearly from [0, 1] to [-magnitude, +magnitude] (see
+    MASK_PROMPT_LOGIT).
     """
-    mask = np.asarray(mask)
-    if mask.ndim == 3 and mask.shape[0] == 1:
-        mask = mask[0]
-    if mask.ndim != 2 or mask.shape[0] == 0 or mask.shape[1] == 0:
-        raise ValueError(f"mask must be a non-empty H x W array, got shape {mask.shape}")
-    rh, rw = low_res_region(input_size, img_size, low_res_size)
-    th = min(max(1, round(rh)), low_res_size)
-    tw = min(max(1, round(rw)), low_res_size)
-    m = torch.from_numpy(np.ascontiguousarray(mask.astype(np.float32, copy=False)))[None, None]
-    m = (m > 0.5).to(torch.float32) if mask.dtype != np.bool_ else m
-    if m.shape[-2:] != (th, tw):
-        m = F.interpolate(m, size=(th, tw), mode="bilinear", align_corners=False, antialias=True)
-    logits = torch.full((1, low_res_size, low_res_size), -float(magnitude), dtype=torch.float32)
-    logits[0, :th, :tw] = (m[0, 0] * 2.0 - 1.0) * float(magnitude)
-    return logits.numpy()
+    frame = mask_to_frame(mask, input_size, img_size, low_res_size)
+    return ((frame * 2.0 - 1.0) * float(magnitude))[None].numpy()
 
 
 def as_size(size: Sequence[int], what: str = "size") -> Size:

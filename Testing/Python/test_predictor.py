@@ -125,6 +125,32 @@ def test_encode_does_not_change_the_current_image(random_predictor):
     assert emb.original_size == (50, 10) and emb.input_size == (256, 51)
 
 
+def test_mask_features_average_the_embedding_under_the_mask(random_predictor):
+    """A (20, 40) image fills (128, 256) of the input: embedding rows 0-31 hold it. Channel 0 is
+    1 under its left half, channel 1 under its right half, channel 2 only in the padding."""
+    features = torch.zeros(1, 256, 64, 64)
+    features[0, 0, :32, :32] = 1.0
+    features[0, 1, :32, 32:] = 1.0
+    features[0, 2, 32:, :] = 5.0
+    emb = ImageEmbedding(features, (20, 40), (128, 256))
+    p = random_predictor  # the antialiased resize blurs the mask's edge over about one cell
+    left = np.zeros((20, 40), bool)
+    left[:, :20] = True
+    v, cells = p.mask_features(left, emb)
+    assert v.shape == (256,) and v.dtype == np.float32
+    assert cells == pytest.approx(32 * 32, rel=0.02)  # half of the 32 x 64 cells of the image
+    np.testing.assert_allclose(v[:3], [1.0, 0.0, 0.0], atol=0.01)
+    whole, cells = p.mask_features(np.ones((20, 40), bool), emb)
+    assert cells == pytest.approx(32 * 64, rel=1e-4)
+    np.testing.assert_allclose(whole[:3], [0.5, 0.5, 0.0], atol=1e-4)
+    assert p.mask_features(np.zeros((20, 40), bool), emb) is None
+    # the current embedding is the default
+    p.set_embedding(emb)
+    np.testing.assert_array_equal(p.mask_features(left)[0], v)
+    with pytest.raises(ValueError):
+        p.mask_features(np.ones((2, 20, 40), bool), emb)
+
+
 def test_encode_batch_matches_single_encodes(random_predictor):
     rng = np.random.default_rng(2)
     images = [(rng.random((30, 40)) * 255).astype(np.uint8) for _ in range(2)]

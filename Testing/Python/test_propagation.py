@@ -19,6 +19,7 @@ from SlicerSAM.propagation import (
     PropagationStrategy,
     StopRules,
     box_of_mask,
+    feature_similarity,
     interior_point,
     propagate,
 )
@@ -124,6 +125,36 @@ class ScriptedSegmenter(FakeSegmenter):
         return SliceResult(index, mask[None], np.array([0.9]), 0, np.zeros((1, 256, 256)))
 
 
+class FeatureSegmenter(FakeSegmenter):
+    """The fake, plus ``mask_features``: what the image encoder "sees" under a mask, scripted per
+    slice. Neighbouring slices point almost the same way (cosine 0.98); a "disc" slice between
+    two look-alike vertebrae points partly elsewhere (cosine about 0.84 to either side)."""
+
+    def __init__(self, labels, disc=None, cells_per_pixel=1.0, **kwargs):
+        super().__init__(labels, **kwargs)
+        self.disc = disc
+        self.cells_per_pixel = cells_per_pixel
+        self.feature_calls = []
+
+    def mask_features(self, index, mask):
+        assert mask.shape == tuple(self.plane.grid_shape) and mask.dtype == bool
+        self.feature_calls.append(index)
+        if not mask.any():
+            return None
+        v = np.zeros(8, dtype=np.float32)
+        v[0], v[1] = np.cos(0.2 * index), np.sin(0.2 * index)
+        if index == self.disc:
+            v[2] = 0.6
+        return v, float(mask.sum()) * self.cells_per_pixel
+
+
+def _column_labels() -> np.ndarray:
+    """Label 2 only: a cylinder on every slice (a spine whose vertebrae look the same)."""
+    labels = organ_labels()
+    labels[labels == 1] = 0
+    return labels
+
+
 def _grid(labels, k, value=1):
     return np.asarray(plane_for(_volume(labels)).grid(labels == value, k)).copy()
 
@@ -170,6 +201,56 @@ def test_hysteresis_keeps_a_single_bad_slice_and_drops_confirmed_failures():
     result2 = propagate(seg2, {14: disc}, direction="up", stop=rules2, slice_range=(0, 20))
     assert 17 in result2.masks and 20 in result2.masks
     assert result2.stop_reasons["up"] == "end"
+
+
+def test_a_dip_in_feature_similarity_stops_the_walk_between_look_alike_neighbours():
+    """The box follows the column from one vertebra into the next (same size, same place, the
+    model confident throughout): only the encoder's view of the disc between them tells."""
+    labels = _column_labels()
+    seg = FeatureSegmenter(labels, disc=15)
+    key = {8: SlicePrompts(8, box_xyxy=box_of_mask(seg.plane, _grid(labels, 8, 2)))}
+    result = propagate(seg, key, direction="up")
+    # slice 15 (the disc) and 16 fail the rule in a row: a confirmed stop, both dropped
+    assert result.stop_reasons == {"up": "features"}
+    assert sorted(result.masks) == list(range(8, 15))
+    for k, mask in result.masks.items():
+        assert np.array_equal(mask, _grid(labels, k, 2))
+    # the rule is what stopped it: without it the walk goes on to the volume's end
+    loose = propagate(seg, key, direction="up", stop=StopRules(max_feature_drop=None))
+    assert loose.stop_reasons == {"up": "end"} and max(loose.masks) == SHAPE[0] - 1
+    # no disc: the slow drift of the features (0.98 per slice) never fails it
+    smooth = propagate(FeatureSegmenter(labels), key, direction="up")
+    assert smooth.stop_reasons == {"up": "end"}
+    # a cross-section covering fewer embedding cells than feature_min_cells is not compared
+    # (the column is 97 pixels: 24 cells at a quarter of a cell per pixel, 23.3 below that)
+    assert propagate(FeatureSegmenter(labels, 15, 0.25), key, direction="up").stop_reasons == {
+        "up": "features"
+    }
+    tiny = propagate(FeatureSegmenter(labels, 15, 0.24), key, direction="up")
+    assert tiny.stop_reasons == {"up": "end"}
+
+
+def test_feature_rule_thresholds_and_segmenters_without_features():
+    rules = StopRules(max_feature_drop=0.06)
+    mask = np.ones((4, 4), dtype=bool)
+    assert rules.failures(mask, mask, 0.9, 16, similarity=0.90, typical=0.97) == ["features"]
+    v = np.array([1.0, 0.0], dtype=np.float32)
+    w = np.array([1.0, 1.0], dtype=np.float32)
+    assert feature_similarity((v, 30.0), (w, 24.0), rules) == pytest.approx(np.sqrt(0.5))
+    assert feature_similarity((v, 30.0), (w, 23.9), rules) is None  # too few cells to judge
+    assert rules.failures(mask, mask, 0.9, 16, similarity=0.92, typical=0.97) == []
+    assert rules.failures(mask, mask, 0.9, 16, similarity=0.5, typical=None) == []  # first step
+    assert rules.failures(mask, mask, 0.9, 16, similarity=None, typical=0.97) == []
+    assert StopRules(max_feature_drop=None).failures(mask, mask, 0.9, 16, 0.1, 0.97) == []
+    # a segmenter without mask_features (FakeSegmenter) walks as before; with the rule off the
+    # features are not even asked for
+    labels = _column_labels()
+    seg = FeatureSegmenter(labels, disc=15)
+    key = {8: SlicePrompts(8, box_xyxy=box_of_mask(seg.plane, _grid(labels, 8, 2)))}
+    propagate(seg, key, direction="up", stop=StopRules(max_feature_drop=None))
+    assert seg.feature_calls == []
+    plain = FakeSegmenter(labels)
+    assert propagate(plain, key, direction="up").stop_reasons == {"up": "end"}
 
 
 def test_propagation_does_not_leak_past_the_end_of_a_synthetic_organ():
@@ -420,14 +501,53 @@ def test_stop_rule_replay_of_the_benchmark_matches_propagate():
     walk = (calls[0], [c for c in calls[1:] if c[0] < key], [c for c in calls[1:] if c[0] > key])
     walk = walk + (refs,)
     assert walk[1] and walk[2]
-    for rules in (
+    rule_sets = (
         StopRules(),
         StopRules(min_iou=0.7, patience=1),
         StopRules(min_iou=0.55, patience=2, min_overlap=None),
         StopRules(min_iou=0.7, patience=3, min_area_fraction=0.5),
-    ):
+    )
+    for rules in rule_sets:
         expected = propagate(seg, prompts, stop=rules).masks
         replayed = bench.replay(walk, rules)
         assert sorted(replayed) == sorted(expected), rules
         for k in expected:
             np.testing.assert_array_equal(replayed[k], expected[k])
+
+    # the feature-similarity rule: a column with discs on both sides of the key, IoU dips too
+    labels = _column_labels()
+    seg = FeatureSegmenter(labels, disc=None, iou=lambda k: dips.get(k, 0.9))
+    seg.mask_features = _disc_features(seg.mask_features, discs=(4, 19, 24))
+    prompts = {key: SlicePrompts(key, box_xyxy=box_of_mask(seg.plane, _grid(labels, key, 2)))}
+    recorder = bench._Recorder(seg)
+    propagate(recorder, prompts, stop=NO_STOP)
+    calls = recorder.calls
+    refs = {k: _grid(labels, k, 2) for k in range(SHAPE[0])}
+    walk = (calls[0], [c for c in calls[1:] if c[0] < key], [c for c in calls[1:] if c[0] > key])
+    walk = walk + (refs,)
+    stops = set()
+    for rules in rule_sets + (
+        StopRules(max_feature_drop=0.2, patience=1),
+        StopRules(max_feature_drop=0.1, min_iou=None, patience=1),
+    ):
+        result = propagate(seg, prompts, stop=rules)
+        stops.update(result.stop_reasons.values())
+        replayed = bench.replay(walk, rules)
+        assert sorted(replayed) == sorted(result.masks), rules
+        for k in result.masks:
+            np.testing.assert_array_equal(replayed[k], result.masks[k])
+    assert "features" in stops and "iou" in stops  # both kinds of stop were replayed
+
+
+def _disc_features(features, discs):
+    """Wrap a FeatureSegmenter's mask_features: the slices in ``discs`` look different."""
+
+    def wrapped(index, mask):
+        result = features(index, mask)
+        if result is not None and index in discs:
+            v = result[0].copy()
+            v[2] = 0.6
+            result = (v, result[1])
+        return result
+
+    return wrapped

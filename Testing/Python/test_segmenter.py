@@ -279,6 +279,33 @@ def test_liver_box_gives_the_liver_and_a_second_prompt_is_a_cache_hit(ct, model,
 
 @pytest.mark.slow
 @pytest.mark.shared_data
+def test_mask_features_tell_one_tissue_from_another(ct, model, ct_cache):
+    """The encoder's mean vector under the liver on one slice points the liver's way on the next
+    slice too, and away from the vertebra beside it (what StopRules.max_feature_drop uses)."""
+    volume, labels, values = ct
+    seg = Segmenter(volume, model, cache=ct_cache)
+    array = np.asarray(labels.array)
+    liver, bone = array == values["liver"], array == values["vertebrae_L1"]
+    index = _largest_slice(seg.plane, bone)
+    this, below = seg.plane.grid(liver, index), seg.plane.grid(liver, index - 1)
+    v, cells = seg.mask_features(index, this)
+    assert v.shape == (256,) and v.dtype == np.float32
+    # the liver's pixels, at (256 / 122 / 4)^2 embedding cells per pixel (axial, 3 mm pixels)
+    assert cells == pytest.approx(this.sum() * (256 / 122 / 4) ** 2, rel=0.05)
+
+    def cosine(a, b):
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+    same = cosine(v, seg.mask_features(index - 1, below)[0])
+    other = cosine(v, seg.mask_features(index, seg.plane.grid(bone, index))[0])
+    assert same > 0.9 and other < same - 0.2, (same, other)
+    assert seg.mask_features(index, np.zeros(seg.plane.grid_shape, bool)) is None
+    with pytest.raises(PromptError, match="slice grid"):
+        seg.mask_features(index, np.ones((3, 4), bool))
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
 def test_single_slice_prompt_encodes_one_slice_of_112(shared_data, model):
     from SlicerSAM.volume import load_volume
 

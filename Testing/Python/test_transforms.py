@@ -15,6 +15,7 @@ from sam_core.transforms import (
     apply_coords,
     as_size,
     get_preprocess_shape,
+    mask_to_frame,
     mask_to_low_res,
     postprocess_masks,
     preprocess_image,
@@ -164,6 +165,23 @@ def test_mask_to_low_res_geometry_and_magnitude():
     # round trip: low-res prompt -> postprocess -> the same mask (up to the resampled edge)
     back = postprocess_masks(torch.from_numpy(low)[None], (256, 128), (512, 256), 256)[0, 0] > 0
     assert (back.numpy() != mask).mean() < 0.01
+
+
+def test_mask_to_frame_covers_the_unpadded_region_at_the_frame_scale():
+    """The image embedding's grid (64 x 64 for a 256 input): a (40, 80) image fills the
+    (128, 256) input, so (32, 64) embedding cells; the padding is never covered."""
+    full = mask_to_frame(np.ones((40, 80), bool), (128, 256), 256, 64)
+    assert full.shape == (64, 64) and full.dtype == torch.float32
+    assert torch.allclose(full[:32], torch.ones(32, 64), atol=1e-4)
+    assert torch.all(full[32:] == 0.0)
+    left = np.zeros((40, 80), bool)
+    left[:, :20] = True  # the left quarter: 16 of the 64 columns
+    frame = mask_to_frame(left, (128, 256), 256, 64)
+    assert float(frame.sum()) == pytest.approx(32 * 16, rel=0.02)
+    assert torch.all(frame[:32, :15] > 0.99) and torch.all(frame[:, 17:] < 0.01)
+    # any grid covering the same field of view gives the same coverage
+    finer = np.repeat(np.repeat(left, 2, axis=0), 2, axis=1)
+    assert torch.allclose(mask_to_frame(finer, (128, 256), 256, 64), frame, atol=0.05)
 
 
 def test_mask_to_low_res_rejects_bad_shapes():

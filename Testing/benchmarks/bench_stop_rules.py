@@ -2,7 +2,8 @@
 
 For every structure of ``../shared/data/ct-abdomen-3mm`` (>= 200 voxels) this runs the
 ``keyslice-box`` protocol once with ``stop=NO_STOP`` (every walk goes on until its mask is empty
-or the volume ends), recording each visited slice's mask and predicted IoU. Stop rules only cut
+or the volume ends), recording each visited slice's mask, predicted IoU and mask features
+(``Segmenter.mask_features``). Stop rules only cut
 a walk short, they never change its prompts, so any rule set can then be replayed on the
 recording exactly, with the hysteresis of :func:`SlicerSAM.propagation.propagate`. It prints
 the mean Dice over structures for
@@ -10,8 +11,12 @@ the mean Dice over structures for
 * ``no stop``: the walks as recorded;
 * ``reference extent``: each walk cut at the first slice where the reference is empty (the best
   any stop rule could do with these prompts);
-* ``default rules``: ``StopRules()``;
-* the best rule sets of a small grid (min_iou x patience x min_overlap x min_area_fraction).
+* ``default rules``: ``StopRules()``, and the same without the feature-similarity rule;
+* leaks: slices predicted beyond the reference's extent (and which structures), and reference
+  slices left without a mask, for no stop, the defaults without the feature rule and the defaults;
+* the feature rule's two settings swept over the other default rules;
+* the best rule sets of a small grid (min_iou x patience x min_overlap x min_area_fraction x
+  max_feature_drop).
 
 docs/propagation.md ("Stopping") quotes its output. Run from the repository root:
 
@@ -41,7 +46,13 @@ from SlicerSAM import protocols as P  # noqa: E402
 from SlicerSAM.cache import EmbeddingCache  # noqa: E402
 from SlicerSAM.intensity import parse_intensity  # noqa: E402
 from SlicerSAM.prompts import SlicePrompts  # noqa: E402
-from SlicerSAM.propagation import NO_STOP, STRATEGIES, StopRules, propagate  # noqa: E402
+from SlicerSAM.propagation import (  # noqa: E402
+    NO_STOP,
+    STRATEGIES,
+    StopRules,
+    feature_similarity,
+    propagate,
+)
 from SlicerSAM.segmenter import Segmenter  # noqa: E402
 from SlicerSAM.volume import load_volume  # noqa: E402
 
@@ -49,7 +60,9 @@ DATA = ROOT.parent / "shared" / "data" / "ct-abdomen-3mm"
 
 
 class _Recorder:
-    """A segmenter that remembers (index, chosen mask, predicted IoU) of every call."""
+    """A segmenter that remembers (index, chosen mask, predicted IoU, mask features) of every
+    call; the features (``Segmenter.mask_features``: vector and cells) are None for an empty mask
+    or a segmenter without them."""
 
     def __init__(self, segmenter):
         self._segmenter = segmenter
@@ -62,7 +75,11 @@ class _Recorder:
         result = self._segmenter.segment(index, prompts, multimask=multimask)
         best = int(result.best)
         iou = float(np.asarray(result.iou).reshape(-1)[best])
-        self.calls.append((index, np.asarray(result.masks[best], dtype=bool), iou))
+        mask = np.asarray(result.masks[best], dtype=bool)
+        features = None
+        if mask.any() and hasattr(self._segmenter, "mask_features"):
+            features = self._segmenter.mask_features(index, mask)
+        self.calls.append((index, mask, iou, features))
         return result
 
 
@@ -85,14 +102,22 @@ def record_walks(segmenter, reference, names, strategy):
 
 
 def replay(walk, rules: StopRules):
-    """{slice: mask} that ``propagate`` would return with ``rules`` (same hysteresis)."""
-    (key_index, key_mask, _), down, up, _ = walk
+    """{slice: mask} that ``propagate`` would return with ``rules`` (same hysteresis, same
+    feature similarity: to the last non-empty mask, against the median of the accepted steps)."""
+    (key_index, key_mask, _, key_features), down, up, _ = walk
     key_area = int(key_mask.sum())
     out = {key_index: key_mask}
     for calls in (down, up):
-        previous, pending = key_mask, []
-        for index, mask, iou in calls:
-            if rules.failures(mask, previous, iou, key_area):
+        previous, pending, previous_features, similarities = key_mask, [], key_features, []
+        for index, mask, iou, features in calls:
+            similarity = None
+            if rules.max_feature_drop is not None and features is not None:
+                if previous_features is not None:
+                    similarity = feature_similarity(features, previous_features, rules)
+            typical = float(np.median(similarities)) if similarities else None
+            if features is not None:
+                previous_features = features
+            if rules.failures(mask, previous, iou, key_area, similarity, typical):
                 pending.append((index, mask))
                 if len(pending) >= rules.patience:
                     pending = []
@@ -102,16 +127,18 @@ def replay(walk, rules: StopRules):
                 pending = []
                 if mask.any():
                     out[index] = mask
+                if similarity is not None:
+                    similarities.append(similarity)
             previous = mask
         out.update({i: m for i, m in pending if m.any()})
     return out
 
 
 def cut_at_reference_extent(walk):
-    (key_index, key_mask, _), down, up, refs = walk
+    (key_index, key_mask, _, _), down, up, refs = walk
     out = {key_index: key_mask}
     for calls in (down, up):
-        for index, mask, _ in calls:
+        for index, mask, _, _ in calls:
             if not refs[index].any():
                 break
             out[index] = mask
@@ -122,6 +149,20 @@ def dice3d(masks, refs) -> float:
     inter = sum(int(np.logical_and(m, refs[i]).sum()) for i, m in masks.items())
     total = sum(int(m.sum()) for m in masks.values()) + sum(int(r.sum()) for r in refs.values())
     return 2.0 * inter / total if total else 1.0
+
+
+def leaks(walks, rules: StopRules):
+    """(slices predicted where the reference is empty, the structures with such slices,
+    reference slices left without a mask) over all walks replayed with ``rules``."""
+    outside, leaking, given_up = 0, [], 0
+    for name, walk in walks.items():
+        masks, refs = replay(walk, rules), walk[3]
+        extra = sum(1 for index in masks if not refs[index].any())
+        outside += extra
+        if extra:
+            leaking.append(name)
+        given_up += sum(1 for index, ref in refs.items() if ref.any() and index not in masks)
+    return outside, leaking, given_up
 
 
 def mean_dice(walks, choose) -> float:
@@ -170,22 +211,49 @@ def main(argv=None) -> int:
     print(f"no stop           {mean_dice(walks, lambda w: replay(w, NO_STOP)):.4f}")
     print(f"reference extent  {mean_dice(walks, cut_at_reference_extent):.4f}")
     print(f"default rules     {mean_dice(walks, lambda w: replay(w, StopRules())):.4f}")
+    without = StopRules(max_feature_drop=None)
+    print(f"  without features {mean_dice(walks, lambda w: replay(w, without)):.4f}")
+    for label, rules in (
+        ("no stop", NO_STOP),
+        ("without features", without),
+        ("defaults", StopRules()),
+    ):
+        outside, leaking, given_up = leaks(walks, rules)
+        print(
+            f"leaks, {label}: {outside} slices outside the reference's extent in "
+            f"{len(leaking)} structures ({', '.join(leaking)}); {given_up} reference slices "
+            "without a mask"
+        )
+    print("feature rule over the other default rules (rows: max_feature_drop; columns:")
+    print("feature_min_cells):")
+    cells = (0, 8, 24, 48)
+    print("        " + "".join(f"{c:>8}" for c in cells))
+    for drop in (0.04, 0.05, 0.06, 0.08, 0.1):
+        rule_sets = [StopRules(max_feature_drop=drop, feature_min_cells=c) for c in cells]
+        scores = [mean_dice(walks, lambda w, r=rules: replay(w, r)) for rules in rule_sets]
+        print(f"  {drop:<6}" + "".join(f"{v:8.4f}" for v in scores))
     grid = []
-    for min_iou, patience, min_overlap, min_area in itertools.product(
-        (None, 0.6, 0.65, 0.7, 0.75, 0.8), (1, 2, 3), (None, 0.3, 0.5), (None, 0.1, 0.2, 0.3)
+    for min_iou, patience, min_overlap, min_area, drop in itertools.product(
+        (None, 0.6, 0.65, 0.7, 0.75, 0.8),
+        (1, 2, 3),
+        (None, 0.3, 0.5),
+        (None, 0.1, 0.2, 0.3),
+        (None, 0.04, 0.06, 0.08, 0.1),
     ):
         rules = StopRules(
             min_iou=min_iou,
             patience=patience,
             min_overlap=min_overlap,
             min_area_fraction=min_area,
+            max_feature_drop=drop,
         )
         grid.append((mean_dice(walks, lambda w, r=rules: replay(w, r)), rules))
     grid.sort(key=lambda item: -item[0])
     for score, rules in grid[:5]:
         print(
             f"best grid rules   {score:.4f}  min_iou={rules.min_iou} patience={rules.patience} "
-            f"min_overlap={rules.min_overlap} min_area_fraction={rules.min_area_fraction}"
+            f"min_overlap={rules.min_overlap} min_area_fraction={rules.min_area_fraction} "
+            f"max_feature_drop={rules.max_feature_drop}"
         )
     return 0
 
