@@ -769,7 +769,8 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._busy = True  # the live preview waits: one user of the model at a time
             try:
                 outcome = run_polling(lambda: work(progress, lambda: state["cancel"]), poll)
-                self.logic.applyPropagation(outcome)
+                result = self.logic.applyPropagation(outcome)
+                self._showStatus(f"SlicerSAM: propagated {result.summary()}")
             except Cancelled:
                 self._showStatus("SlicerSAM: propagation cancelled; nothing changed")
             finally:

@@ -279,6 +279,7 @@ def cmd_segment(args, propagate_default: bool = False) -> int:
         )
         grids = prop.masks
         stop_reasons = prop.stop_reasons
+        print(f"propagation: {prop.summary()}")
     mask = segmenter.plane.stack(grids, dtype=np.uint8)
     segments = [(1, args.name, (0.85, 0.35, 0.25))]
     _write_mask_output(args.output, mask, volume, segments, args.overwrite)
@@ -347,6 +348,7 @@ def _propagate_from_mask(args) -> int:
         {k: np.array(plane.grid(seed_mask, k)) for k in keys},
         progress=_progress_bar("propagate"),
     )
+    print(f"propagation: {prop.summary()}")
     mask = plane.stack(prop.masks, dtype=np.uint8)
     _write_mask_output(
         args.output, mask, volume, [(1, args.name, (0.85, 0.35, 0.25))], args.overwrite

@@ -76,6 +76,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "PropagationResult",
     "PropagationStrategy",
+    "STOP_TEXT",
     "STRATEGIES",
     "StopRules",
     "box_of_mask",
@@ -311,6 +312,35 @@ class PropagationResult:
     masks: Dict[int, np.ndarray]
     stop_reasons: Dict[str, str] = field(default_factory=dict)
     visited: List[int] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for a user: which slices hold the segment and why each walk ended, e.g.
+        ``"slices 3-14 (12); up: the tissue under the mask changed ...; down: end of the range"``
+        (walks that met another key's walk are not mentioned)."""
+        if not self.masks:
+            text = "no slice"
+        else:
+            indices = sorted(self.masks)
+            text = f"slices {indices[0]}-{indices[-1]} ({len(indices)})"
+        ends = [
+            f"{walk}: {STOP_TEXT.get(reason, reason)}"
+            for walk, reason in sorted(self.stop_reasons.items())
+            if reason != "met"
+        ]
+        return "; ".join([text] + ends)
+
+
+# what each stop reason means, for people (PropagationResult.summary)
+STOP_TEXT = {
+    "end": "end of the range",
+    "max_slices": "slice limit reached",
+    "empty": "the mask vanished",
+    "area": "the structure shrank away",
+    "iou": "the model lost confidence",
+    "overlap": "the mask jumped away from the previous slice",
+    "growth": "the mask grew too fast (a leak)",
+    "features": "the tissue under the mask changed (a look-alike neighbour?)",
+}
 
 
 # ----------------------------------------------------------------------------------------------

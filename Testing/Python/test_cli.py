@@ -191,7 +191,7 @@ def test_cache_dir_serves_a_second_run_without_encoding(
 
 
 @pytest.mark.slow
-def test_segment_propagates_within_a_3d_roi(shared_data, litemedsam_checkpoint, tmp_path):
+def test_segment_propagates_within_a_3d_roi(shared_data, litemedsam_checkpoint, tmp_path, capsys):
     roi, liver, k = _liver_roi(shared_data, tmp_path, slab_slices=7)
     out = tmp_path / "liver.nii.gz"
     code = main(
@@ -210,6 +210,9 @@ def test_segment_propagates_within_a_3d_roi(shared_data, litemedsam_checkpoint, 
     assert code == 0
     mask = np.asarray(nib.load(str(out)).dataobj) > 0
     slices = np.nonzero(mask.any(axis=(0, 1)))[0]
+    # the console says where the walks ended: the liver fills the slab, so at its ends
+    printed = capsys.readouterr().out
+    assert f"propagation: slices {k - 3}-{k + 3} (7); down: end of the range; up: end" in printed
     # the ROI is 7 slices thick around k: propagation stays inside it
     assert slices.min() >= k - 3 and slices.max() <= k + 3
     assert len(slices) >= 5

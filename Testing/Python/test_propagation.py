@@ -15,7 +15,9 @@ from SlicerSAM.errors import Cancelled, PromptError
 from SlicerSAM.prompts import SlicePrompts
 from SlicerSAM.propagation import (
     NO_STOP,
+    STOP_TEXT,
     STRATEGIES,
+    PropagationResult,
     PropagationStrategy,
     StopRules,
     box_of_mask,
@@ -213,6 +215,9 @@ def test_a_dip_in_feature_similarity_stops_the_walk_between_look_alike_neighbour
     # slice 15 (the disc) and 16 fail the rule in a row: a confirmed stop, both dropped
     assert result.stop_reasons == {"up": "features"}
     assert sorted(result.masks) == list(range(8, 15))
+    assert result.summary() == (
+        "slices 8-14 (7); up: the tissue under the mask changed (a look-alike neighbour?)"
+    )
     for k, mask in result.masks.items():
         assert np.array_equal(mask, _grid(labels, k, 2))
     # the rule is what stopped it: without it the walk goes on to the volume's end
@@ -251,6 +256,23 @@ def test_feature_rule_thresholds_and_segmenters_without_features():
     assert seg.feature_calls == []
     plain = FakeSegmenter(labels)
     assert propagate(plain, key, direction="up").stop_reasons == {"up": "end"}
+
+
+def test_every_stop_reason_has_words_for_the_user():
+    rules = StopRules(growth_limit=1.5, max_feature_drop=0.06)
+    empty, small, big = (np.zeros((8, 8), bool), np.zeros((8, 8), bool), np.ones((8, 8), bool))
+    small[0, :2] = True
+    reasons = set(rules.failures(empty, big, 0.1, 64, similarity=0.5, typical=0.97))
+    reasons |= set(rules.failures(big, small, 0.9, 4))  # grew 32-fold
+    reasons |= set(StopRules(max_area_factor=2.0).failures(big, big, 0.9, 4))
+    assert reasons == {"empty", "area", "iou", "overlap", "growth", "features"}
+    assert reasons | {"end", "met", "max_slices"} <= set(STOP_TEXT) | {"met"}
+    # walks that met the other key's walk are not worth a word; an empty result says so
+    met = PropagationResult({3: big, 4: big}, {"3-4 up": "met", "down": "end"})
+    assert met.summary() == "slices 3-4 (2); down: end of the range"
+    assert (
+        PropagationResult({}, {"up": "iou"}).summary() == "no slice; up: the model lost confidence"
+    )
 
 
 def test_propagation_does_not_leak_past_the_end_of_a_synthetic_organ():
