@@ -64,34 +64,41 @@ class _Recorder:
     call; the features (``Segmenter.mask_features``: vector and cells) are None for an empty mask
     or a segmenter without them."""
 
-    def __init__(self, segmenter):
+    def __init__(self, segmenter, timings=None):
         self._segmenter = segmenter
         self.calls = []
+        # {"segment": [ms, ...], "mask_features": [ms, ...]}: what the feature rule adds per slice
+        self.timings = timings if timings is not None else {"segment": [], "mask_features": []}
 
     def __getattr__(self, name):
         return getattr(self._segmenter, name)
 
     def segment(self, index, prompts, multimask=None):
+        t0 = time.perf_counter()
         result = self._segmenter.segment(index, prompts, multimask=multimask)
+        self.timings["segment"].append((time.perf_counter() - t0) * 1000.0)
         best = int(result.best)
         iou = float(np.asarray(result.iou).reshape(-1)[best])
         mask = np.asarray(result.masks[best], dtype=bool)
         features = None
         if mask.any() and hasattr(self._segmenter, "mask_features"):
+            t0 = time.perf_counter()
             features = self._segmenter.mask_features(index, mask)
+            self.timings["mask_features"].append((time.perf_counter() - t0) * 1000.0)
         self.calls.append((index, mask, iou, features))
         return result
 
 
-def record_walks(segmenter, reference, names, strategy):
-    """{name: (key call, walk down, walk up, reference grids)} for every structure."""
+def record_walks(segmenter, reference, names, strategy, timings=None):
+    """{name: (key call, walk down, walk up, reference grids)} for every structure; ``timings``
+    (a dict of lists, see ``_Recorder``) collects the call times."""
     plane = segmenter.plane
     walks = {}
     for label, name, _ in P.select_structures(reference, names, 200):
         mask3d = reference == label
         key = P.largest_slice(plane, mask3d)
         box = P.reference_box(plane, np.asarray(plane.grid(mask3d, key), dtype=bool))
-        recorder = _Recorder(segmenter)
+        recorder = _Recorder(segmenter, timings)
         propagate(recorder, {key: SlicePrompts(key, box_xyxy=box)}, strategy=strategy, stop=NO_STOP)
         key_call, rest = recorder.calls[0], recorder.calls[1:]
         down = [c for c in rest if c[0] < key]
@@ -203,10 +210,17 @@ def main(argv=None) -> int:
         device="cpu",
         cache=cache,
     )
-    walks = record_walks(segmenter, reference, names, _strategy(args.strategy))
+    timings = {"segment": [], "mask_features": []}
+    walks = record_walks(segmenter, reference, names, _strategy(args.strategy), timings)
     print(
         f"{len(walks)} structures, {args.axis}, window {args.window}, strategy "
         f"{args.strategy or 'adaptive'} ({time.perf_counter() - t0:.0f} s)"
+    )
+    seg_ms, feat_ms = (float(np.median(timings[k])) for k in ("segment", "mask_features"))
+    print(
+        f"median per slice: segment {seg_ms:.1f} ms ({len(timings['segment'])} calls), "
+        f"mask_features {feat_ms:.2f} ms ({len(timings['mask_features'])} calls, "
+        f"{100.0 * feat_ms / seg_ms:.1f} % of a segment call)"
     )
     print(f"no stop           {mean_dice(walks, lambda w: replay(w, NO_STOP)):.4f}")
     print(f"reference extent  {mean_dice(walks, cut_at_reference_extent):.4f}")
