@@ -28,21 +28,24 @@ below was measured, docs/propagation.md):
    1 and 3 pixels): a rib may move 1 pixel, a liver 3. A fit that loses more than half of the
    previous area is not trusted (the previous mask is used).
 4. **Bounds.** Every box stays inside ``bounds_xyxy`` (the in-plane rectangle of a 3D ROI) when
-   given, else inside the key slice's box grown by 25 % of its size on each side: an organ does
-   not wander far in-plane from its key slice; a box that does has leaked.
+   given, else inside the key slice's box grown on each side by 25 % of its size, and by at least
+   15 mm: an organ does not wander far in-plane from its key slice (a box that does has leaked),
+   but a small cross-section (aorta, spinal cord) drifts further than a quarter of its size.
 
 When to stop (:class:`StopRules`, all combinable, each None to disable): predicted IoU below
 ``min_iou`` (0.7); area below ``min_area_fraction`` (0.1) of the key slice's area or below
-``min_pixels`` (4); Dice with the previous slice below ``min_overlap`` (0.3: a jump); the image
-encoder's view of the mask changing abruptly (``max_feature_drop``, 0.06: the cosine similarity of
-the mean embedding vectors under this and the previous slice's mask falls that far below its
-median over the walk); optionally area growth beyond ``growth_limit`` times the previous slice or
-``max_area_factor`` times the key slice, ``max_slices`` per walk, and the ``slice_range`` of
-:func:`propagate`. Hysteresis (``patience``, 2): a walk stops only after ``patience`` consecutive
-slices fail a rule, and those failed slices are dropped; a single failing slice followed by a good
-one is kept. At the end of an organ, SAM's predicted IoU falls as the box closes on other tissue:
-that is the signal that stops most walks before they leak. Where the neighbour looks the same
-(the next vertebra), the model stays confident and only the feature similarity dips, at the disc
+``min_pixels`` (4); Dice with the last accepted slice below ``min_overlap`` (0.3: a jump); the
+image encoder's view of the mask changing abruptly (``max_feature_drop``, 0.06: the cosine
+similarity of the mean embedding vectors under this and the previous slice's mask falls that far
+below its median over the walk); optionally area growth beyond ``growth_limit`` times the last
+accepted slice or ``max_area_factor`` times the key slice, ``max_slices`` per walk, and the
+``slice_range`` of :func:`propagate`. Hysteresis (``patience``, 2): a walk stops only after
+``patience`` consecutive slices fail a rule, and those failed slices are dropped; a single failing
+slice followed by a good one is kept. A failed slice is never the baseline of the next one's
+overlap: a leak that lasts two slices fails twice, though the second leaked slice agrees with the
+first. At the end of an organ, SAM's predicted IoU falls as the box closes on other tissue: that
+is the signal that stops most walks before they leak. Where the neighbour looks the same (the next
+vertebra), the model stays confident and only the feature similarity dips, at the disc
 between them (docs/propagation.md).
 
 Several key slices: each gap between two key slices is filled from both ends, each walk covering
@@ -82,6 +85,7 @@ __all__ = [
     "box_of_mask",
     "feature_similarity",
     "interior_point",
+    "key_roi",
     "propagate",
 ]
 
@@ -96,14 +100,16 @@ class StopRules:
     """When a walk stops. Every threshold may be None (rule off); the rules combine (any fails).
 
     Attributes:
-        min_overlap: stop when Dice(this slice's mask, the previous slice's mask) < this. Adjacent
-            slices of one organ overlap well; a jump to a neighbouring structure does not.
+        min_overlap: stop when Dice(this slice's mask, the last accepted slice's mask) < this.
+            Adjacent slices of one organ overlap well; a jump to a neighbouring structure does
+            not. The baseline is the last *accepted* mask, not the previous slice's: a jump that
+            lasts two slices then fails twice (the second slice agrees with the first).
         min_iou: stop when the model's predicted IoU of the chosen mask < this.
         min_area_fraction: stop when the mask's area < this fraction of the key slice's area
             (the organ is vanishing: its tip rarely carries a reliable segment).
         min_pixels: stop when the mask has fewer pixels than this (empty or nearly so).
         max_slices: visit at most this many slices per walk (None: no limit).
-        growth_limit: stop when the area grows beyond this factor of the previous slice's area
+        growth_limit: stop when the area grows beyond this factor of the last accepted area
             (a leak into a neighbour typically grows the area fast).
         max_area_factor: stop when the area exceeds this factor of the key slice's area.
         max_feature_drop: stop when the similarity of this slice to the previous one, as the
@@ -226,6 +232,9 @@ class PropagationStrategy:
         key_roi: without ``bounds_xyxy``, keep every box inside the key slice's box grown by this
             fraction of its width / height on each side (None: no implicit bounds). Organs move
             and grow little in-plane from one key slice; a box that walks away has leaked.
+        key_roi_min_mm: the key ROI grows each side by at least this many mm (None: no floor).
+            A quarter of a small cross-section is a pixel or two, less than a tube (aorta, spinal
+            cord, psoas) drifts in-plane over its course.
         grow_percentiles, grow_pad: the intensity range of the growth: these percentiles of the
             previous mask's values, widened by ``grow_pad`` times their spread on each side.
         grow_fraction: scale the growth radius with the structure: this fraction of the previous
@@ -252,6 +261,7 @@ class PropagationStrategy:
     multimask: bool = False
     fallback_to_key: bool = False
     key_roi: Optional[float] = 0.25
+    key_roi_min_mm: Optional[float] = 15.0
     grow_percentiles: Tuple[float, float] = (5.0, 95.0)
     grow_pad: float = 0.1
     grow_fraction: Optional[float] = 0.15
@@ -337,7 +347,7 @@ STOP_TEXT = {
     "empty": "the mask vanished",
     "area": "the structure shrank away",
     "iou": "the model lost confidence",
-    "overlap": "the mask jumped away from the previous slice",
+    "overlap": "the mask jumped away from the slices before it",
     "growth": "the mask grew too fast (a leak)",
     "features": "the tissue under the mask changed (a look-alike neighbour?)",
 }
@@ -618,6 +628,24 @@ def _touching(mask: np.ndarray, previous: np.ndarray, radius: float) -> np.ndarr
     return np.isin(labels, keep)
 
 
+def key_roi(plane, key_image: np.ndarray, strategy: PropagationStrategy) -> Optional[np.ndarray]:
+    """The implicit in-plane bounds (x0, y0, x1, y1) of walks from a key slice, in model-image
+    pixels: the key mask's box (outer pixel edges) grown on each side by ``strategy.key_roi``
+    times its width (x) / height (y), at least ``strategy.key_roi_min_mm`` (converted with the
+    plane's pixel spacing, x with the column spacing), plus one pixel. None when ``key_roi`` is
+    None or the key mask (model image, bool) is empty."""
+    if strategy.key_roi is None:
+        return None
+    kb = _box_of_image_mask(key_image, True)
+    if kb is None:
+        return None
+    grow = float(strategy.key_roi) * np.array([kb[2] - kb[0], kb[3] - kb[1]] * 2)
+    if strategy.key_roi_min_mm is not None:
+        row_mm, col_mm = plane.pixel_spacing
+        grow = np.maximum(grow, float(strategy.key_roi_min_mm) / np.array([col_mm, row_mm] * 2))
+    return kb + (grow + 1.0) * _OUTWARD
+
+
 def _interior_points(mask_img: np.ndarray, count: int) -> List[Tuple[float, float]]:
     """Up to ``count`` interior points: distance-transform maxima, each next one away from the
     earlier ones (the mask minus a disk around each chosen point)."""
@@ -651,18 +679,18 @@ class _Walk:
         self.prev_mask = key.mask
         self.prev_img = ctx.to_image(key.mask)
         self.prev_logits = key.logits
+        # the last mask this walk accepted: the baseline of the overlap and growth rules, so that
+        # a leak lasting two slices fails twice (the second leaked slice agrees with the first)
+        self.last_good = key.mask
         self.prev_features = None  # (vector, cells) of the last non-empty mask (lazily for the key)
         self.similarities: List[float] = []  # feature similarity of each accepted step
         self.accepted: Dict[int, np.ndarray] = {}
         self.pending: List[Tuple[int, np.ndarray]] = []
         self.count = 0
         self.reason: Optional[str] = None
-        self.bounds = ctx.bounds
-        if self.bounds is None and ctx.strategy.key_roi is not None:
-            kb = _box_of_image_mask(key.image, True)
-            if kb is not None:
-                grow = float(ctx.strategy.key_roi) * np.array([kb[2] - kb[0], kb[3] - kb[1]] * 2)
-                self.bounds = kb + (grow + 1.0) * _OUTWARD
+        self.bounds = (
+            ctx.bounds if ctx.bounds is not None else key_roi(ctx.plane, key.image, ctx.strategy)
+        )
         if self._beyond(self.pos + self.step):
             self.reason = "end"
 
@@ -702,7 +730,7 @@ class _Walk:
         self.count += 1
         similarity, features = self._similarity(index, mask)
         typical = float(np.median(self.similarities)) if self.similarities else None
-        failed = rules.failures(mask, self.prev_mask, iou, self.key.area, similarity, typical)
+        failed = rules.failures(mask, self.last_good, iou, self.key.area, similarity, typical)
         if features is not None:
             self.prev_features = features
         if failed:
@@ -715,6 +743,7 @@ class _Walk:
             self._flush()
             if mask.any():
                 self.accepted[index] = mask
+                self.last_good = mask
             if similarity is not None:
                 self.similarities.append(similarity)
         if mask.any() or not s.fallback_to_key:

@@ -8,6 +8,8 @@ box onto a neighbouring structure: exactly the leak that the stop rules must cat
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -23,6 +25,7 @@ from SlicerSAM.propagation import (
     box_of_mask,
     feature_similarity,
     interior_point,
+    key_roi,
     propagate,
 )
 from SlicerSAM.segmenter import SliceResult
@@ -187,22 +190,26 @@ def test_hysteresis_keeps_a_single_bad_slice_and_drops_confirmed_failures():
     labels = organ_labels(neighbour=False)
     disc = _grid(labels, 14)
     moved = np.roll(disc, 12, axis=1)
-    masks = {k: disc for k in range(10, 30)}
-    masks[17] = moved  # one outlier slice: kept with patience 2
-    seg = ScriptedSegmenter(masks, labels)
     rules = StopRules(min_overlap=0.5, min_iou=None, min_area_fraction=None, patience=2)
-    # 17 fails (no overlap with 16), 18 fails (no overlap with 17): two in a row -> stop, drop both
+    # a jump that lasts: 17 fails (no overlap with 16); 18 overlaps 17 perfectly but is judged
+    # against the last accepted slice, 16, so it fails too: two in a row -> stop, drop both
+    masks = {k: disc for k in range(10, 17)}
+    masks.update({k: moved for k in range(17, 30)})
+    seg = ScriptedSegmenter(masks, labels)
     result = propagate(seg, {14: disc}, direction="up", stop=rules)
     assert result.stop_reasons["up"] == "overlap"
     assert max(result.masks) == 16
-    # an outlier whose successor overlaps it again is kept
+    # one outlier slice, then back where it was: kept with patience 2
     masks2 = {k: disc for k in range(10, 30)}
-    masks2[17] = np.roll(disc, 3, axis=1)  # Dice with 16 below 0.7, 18 overlaps it above 0.7
+    masks2[17] = moved
     seg2 = ScriptedSegmenter(masks2, labels)
-    rules2 = StopRules(min_overlap=0.7, min_iou=None, min_area_fraction=None, patience=2)
-    result2 = propagate(seg2, {14: disc}, direction="up", stop=rules2, slice_range=(0, 20))
+    result2 = propagate(seg2, {14: disc}, direction="up", stop=rules, slice_range=(0, 20))
     assert 17 in result2.masks and 20 in result2.masks
     assert result2.stop_reasons["up"] == "end"
+    # the same lasting jump with patience 1 stops at 17
+    rules1 = replace(rules, patience=1)
+    result3 = propagate(ScriptedSegmenter(masks, labels), {14: disc}, "up", stop=rules1)
+    assert max(result3.masks) == 16 and result3.stop_reasons["up"] == "overlap"
 
 
 def test_a_dip_in_feature_similarity_stops_the_walk_between_look_alike_neighbours():
@@ -573,3 +580,54 @@ def _disc_features(features, discs):
         return result
 
     return wrapped
+
+
+def _drifting_tube(first=6, last=22, key=14, shift=0.6, radius=2.2):
+    """Label 1: a thin tube (about 5 px = 15 mm across) crossing slices first..last whose centre
+    moves ``shift`` px per slice along x (an aorta or spinal cord drifting in-plane)."""
+    labels = np.zeros(SHAPE, dtype=np.uint8)
+    jj, ii = np.mgrid[: SHAPE[1], : SHAPE[2]]
+    for k in range(first, last + 1):
+        cx = 24.0 + shift * (k - key)
+        labels[k][(jj - 24) ** 2 + (ii - cx) ** 2 <= radius**2] = 1
+    return labels
+
+
+def test_key_roi_grows_by_a_quarter_of_the_key_box_and_at_least_the_floor_in_mm():
+    plane = plane_for(_volume(organ_labels()))  # 3 mm pixels
+    key = np.zeros(plane.image_shape, dtype=bool)
+    key[20:24, 10:50] = True  # 40 px wide, 4 px high: box x -0.5..+0.5 around 10..49, y 19.5..23.5
+    default = STRATEGIES["adaptive"]
+    # x: 25 % of 40 px = 10 px; y: 25 % of 4 px = 1 px, raised to 15 mm / 3 mm = 5 px; + 1 px
+    assert np.allclose(key_roi(plane, key, default), [9.5 - 11, 19.5 - 6, 49.5 + 11, 23.5 + 6])
+    no_floor = PropagationStrategy(key_roi_min_mm=None)
+    assert np.allclose(key_roi(plane, key, no_floor), [9.5 - 11, 19.5 - 2, 49.5 + 11, 23.5 + 2])
+    assert key_roi(plane, key, PropagationStrategy(key_roi=None)) is None
+    assert key_roi(plane, np.zeros_like(key), default) is None
+    # the floor is in mm: with 1.5 mm pixels, 15 mm is 10 px
+    fine = Volume(np.zeros((4, 40, 40), dtype=np.int16), np.diag([1.5, 1.5, 3.0, 1.0]))
+    fine_plane = plane_for(fine)
+    small = np.zeros(fine_plane.image_shape, dtype=bool)
+    small[10:12, 10:12] = True
+    assert np.allclose(
+        key_roi(fine_plane, small, default), [9.5 - 11, 9.5 - 11, 11.5 + 11, 11.5 + 11]
+    )
+
+
+def test_a_small_drifting_tube_is_followed_within_the_key_roi_floor():
+    labels = _drifting_tube()
+
+    def dice_per_slice(strategy):
+        seg = FakeSegmenter(labels)
+        result = propagate(seg, {14: _key_prompt(seg, labels, 14)}, strategy=strategy)
+        return {
+            k: 2 * (m & _grid(labels, k)).sum() / (m.sum() + _grid(labels, k).sum())
+            for k, m in result.masks.items()
+        }
+
+    followed = dice_per_slice(STRATEGIES["adaptive"])
+    assert sorted(followed) == list(range(6, 23))
+    assert min(followed.values()) > 0.9
+    # with a quarter of its size (about a pixel) as room, the box cuts the tube off further out
+    clipped = dice_per_slice(replace(STRATEGIES["adaptive"], key_roi_min_mm=None))
+    assert sum(1 for k in range(6, 23) if clipped.get(k, 0.0) < 0.8) >= 4

@@ -109,13 +109,15 @@ def record_walks(segmenter, reference, names, strategy, timings=None):
 
 
 def replay(walk, rules: StopRules):
-    """{slice: mask} that ``propagate`` would return with ``rules`` (same hysteresis, same
-    feature similarity: to the last non-empty mask, against the median of the accepted steps)."""
+    """{slice: mask} that ``propagate`` would return with ``rules`` (same hysteresis, overlap
+    with the last accepted mask, feature similarity to the last non-empty mask against the median
+    of the accepted steps)."""
     (key_index, key_mask, _, key_features), down, up, _ = walk
     key_area = int(key_mask.sum())
     out = {key_index: key_mask}
     for calls in (down, up):
-        previous, pending, previous_features, similarities = key_mask, [], key_features, []
+        # the overlap baseline is the last accepted mask, the similarity's the last non-empty one
+        good, pending, previous_features, similarities = key_mask, [], key_features, []
         for index, mask, iou, features in calls:
             similarity = None
             if rules.max_feature_drop is not None and features is not None:
@@ -124,7 +126,7 @@ def replay(walk, rules: StopRules):
             typical = float(np.median(similarities)) if similarities else None
             if features is not None:
                 previous_features = features
-            if rules.failures(mask, previous, iou, key_area, similarity, typical):
+            if rules.failures(mask, good, iou, key_area, similarity, typical):
                 pending.append((index, mask))
                 if len(pending) >= rules.patience:
                     pending = []
@@ -134,9 +136,9 @@ def replay(walk, rules: StopRules):
                 pending = []
                 if mask.any():
                     out[index] = mask
+                    good = mask
                 if similarity is not None:
                     similarities.append(similarity)
-            previous = mask
         out.update({i: m for i, m in pending if m.any()})
     return out
 
