@@ -596,7 +596,7 @@ def _drifting_tube(first=6, last=22, key=14, shift=0.6, radius=2.2):
 def test_key_roi_grows_by_a_quarter_of_the_key_box_and_at_least_the_floor_in_mm():
     plane = plane_for(_volume(organ_labels()))  # 3 mm pixels
     key = np.zeros(plane.image_shape, dtype=bool)
-    key[20:24, 10:50] = True  # 40 px wide, 4 px high: box x -0.5..+0.5 around 10..49, y 19.5..23.5
+    key[20:24, 10:50] = True  # 40 px wide, 4 px high: box x 9.5..49.5, y 19.5..23.5 (pixel edges)
     default = STRATEGIES["adaptive"]
     # x: 25 % of 40 px = 10 px; y: 25 % of 4 px = 1 px, raised to 15 mm / 3 mm = 5 px; + 1 px
     assert np.allclose(key_roi(plane, key, default), [9.5 - 11, 19.5 - 6, 49.5 + 11, 23.5 + 6])
