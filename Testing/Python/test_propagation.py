@@ -568,6 +568,51 @@ def test_stop_rule_replay_of_the_benchmark_matches_propagate():
     assert "features" in stops and "iou" in stops  # both kinds of stop were replayed
 
 
+def test_best_cut_of_the_benchmark_keeps_the_prefixes_with_the_highest_dice():
+    """bench_stop_rules.best_cut (the stop-rule oracle docs/propagation.md quotes) keeps, in each
+    direction, the prefix of the walk that maximises the 3D Dice: checked against every pair of
+    prefixes on a hand-made walk that leaks on both sides."""
+    import importlib.util
+    import itertools
+
+    from conftest import ROOT
+
+    path = ROOT / "Testing" / "benchmarks" / "bench_stop_rules.py"
+    spec = importlib.util.spec_from_file_location("bench_stop_rules", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def square(r, c, size=4):
+        m = np.zeros((20, 20), dtype=bool)
+        m[r : r + size, c : c + size] = True
+        return m
+
+    empty = np.zeros((20, 20), dtype=bool)
+    refs = {k: (square(5, 5) if 3 <= k <= 7 else empty) for k in range(10)}
+
+    def call(index, mask):  # as _Recorder keeps them: (index, mask, predicted IoU, features)
+        return index, mask, 0.9, None
+
+    key = call(5, square(5, 5))
+    down = [call(4, square(5, 5)), call(3, square(5, 6)), call(2, square(5, 5))]
+    down.append(call(1, square(9, 9)))  # slices 2 and 1 lie beyond the reference: leaks
+    up = [call(6, square(5, 5)), call(7, square(7, 7)), call(8, square(12, 12))]
+    walk = (key, down, up, refs)
+
+    def naive(n_down, n_up):
+        masks = {5: key[1]}
+        masks.update({c[0]: c[1] for c in down[:n_down] + up[:n_up]})
+        return bench.dice3d(masks, refs)
+
+    scores = {(d, u): naive(d, u) for d, u in itertools.product(range(5), range(4))}
+    best = max(scores.values())
+    cut = bench.best_cut(walk)
+    assert bench.dice3d(cut, refs) == pytest.approx(best)
+    assert sorted(cut) == [3, 4, 5, 6]  # slice 7 overlaps its reference by a quarter: dropped
+    assert best > naive(2, 2) > naive(4, 3)  # the leaks and the poor slice cost
+    assert bench.dice3d(bench.cut_at_reference_extent(walk), refs) <= best
+
+
 def _disc_features(features, discs):
     """Wrap a FeatureSegmenter's mask_features: the slices in ``discs`` look different."""
 
