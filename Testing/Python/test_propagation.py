@@ -613,6 +613,54 @@ def test_best_cut_of_the_benchmark_keeps_the_prefixes_with_the_highest_dice():
     assert bench.dice3d(bench.cut_at_reference_extent(walk), refs) <= best
 
 
+def test_candidate_logit_signals_of_the_benchmark():
+    """bench_stop_rules measures two candidate stop signals docs/propagation.md reports: SAM's
+    stability score and a boundary width. On cones of logits (falling ``slope`` per pixel from
+    ``peak`` at the centre) the width is the distance from logit +1 to -1 (2 / slope pixels, up
+    to the outline's digital length) whatever the mask's size, while the stability score falls
+    for smaller masks. A rule given to ``replay`` as ``extra`` acts like the same StopRules rule."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    path = ROOT / "Testing" / "benchmarks" / "bench_stop_rules.py"
+    spec = importlib.util.spec_from_file_location("bench_stop_rules", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    yy, xx = np.mgrid[0:256, 0:256]
+    radius = np.hypot(yy - 128.0, xx - 128.0)
+
+    def cone(peak, slope):
+        return (peak - slope * radius).astype(np.float32)
+
+    stab_big, width_big = bench.logit_signals(cone(40.0, 1.0))  # mask radius 40 px
+    stab_small, width_small = bench.logit_signals(cone(10.0, 1.0))  # 10 px
+    _, width_steep = bench.logit_signals(cone(40.0, 2.0))
+    assert stab_big == pytest.approx((39.0 / 41.0) ** 2, abs=0.01)
+    assert stab_small == pytest.approx((9.0 / 11.0) ** 2, abs=0.03)
+    assert 1.8 < width_big < 2.6 and width_small == pytest.approx(width_big, rel=0.1)
+    assert width_steep == pytest.approx(width_big / 2.0, rel=0.1)
+    assert bench.logit_signals(np.full((256, 256), -5.0, dtype=np.float32)) == (1.0, 0.0)
+
+    # replay's extra rule: "predicted IoU below 0.7" given as a predicate equals min_iou=0.7
+    labels = organ_labels(first=6, last=22)
+    dips = {9: 0.5, 10: 0.6, 12: 0.5, 18: 0.65, 20: 0.4, 21: 0.5}
+    seg = FakeSegmenter(labels, iou=lambda k: dips.get(k, 0.9))
+    key = 14
+    prompts = {key: _key_prompt(seg, labels, key)}
+    recorder = bench._Recorder(seg)
+    propagate(recorder, prompts, stop=NO_STOP)
+    calls = recorder.calls
+    refs = {k: _grid(labels, k) for k in range(SHAPE[0])}
+    walk = (calls[0], [c for c in calls[1:] if c[0] < key], [c for c in calls[1:] if c[0] > key])
+    walk = walk + (refs,)
+    as_rule = bench.replay(walk, StopRules(min_iou=0.7))
+    as_extra = bench.replay(walk, StopRules(min_iou=None), extra=lambda i, m, iou: iou < 0.7)
+    assert sorted(as_extra) == sorted(as_rule) != sorted(bench.replay(walk, NO_STOP))
+    assert set(recorder.signals) == {c[0] for c in calls}  # one (stability, width) per call
+
+
 def _disc_features(features, discs):
     """Wrap a FeatureSegmenter's mask_features: the slices in ``discs`` look different."""
 

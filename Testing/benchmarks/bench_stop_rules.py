@@ -16,6 +16,9 @@ the mean Dice over structures for
 * leaks: slices predicted beyond the reference's extent (and which structures), and reference
   slices left without a mask, for no stop, the defaults without the feature rule and the defaults;
 * the feature rule's two settings swept over the other default rules;
+* two candidate signals from the model's logits, not adopted (``logit_signals``): a floor on
+  SAM's stability score, and the predicted-IoU rule applied only where the mask's boundary is
+  wide (low confidence that does not come from a small size);
 * the best rule sets of a small grid (min_iou x patience x min_overlap x min_area_fraction x
   max_feature_drop).
 
@@ -68,6 +71,8 @@ class _Recorder:
     def __init__(self, segmenter, timings=None):
         self._segmenter = segmenter
         self.calls = []
+        # {index: (stability, boundary width)} of the chosen mask's logits (see logit_signals)
+        self.signals = {}
         # {"segment": [ms, ...], "mask_features": [ms, ...]}: what the feature rule adds per slice
         self.timings = timings if timings is not None else {"segment": [], "mask_features": []}
 
@@ -87,12 +92,35 @@ class _Recorder:
             features = self._segmenter.mask_features(index, mask)
             self.timings["mask_features"].append((time.perf_counter() - t0) * 1000.0)
         self.calls.append((index, mask, iou, features))
+        low_res = getattr(result, "low_res_logits", None)
+        if low_res is not None:
+            self.signals[index] = logit_signals(np.asarray(low_res)[best])
         return result
 
 
-def record_walks(segmenter, reference, names, strategy, timings=None):
+def logit_signals(logits: np.ndarray):
+    """(stability, boundary width) of one mask's (256, 256) low-res logits: the stability score
+    of SAM's automatic mask generator, area(logits > 1) / area(logits > -1), and the same band
+    per pixel of the mask's outline, (area(> -1) - area(> 1)) / outline pixels of (> 0), a
+    boundary width in low-res pixels that does not shrink with the mask's size. (1.0, 0.0) for
+    an empty mask. Candidate stop signals (docs/propagation.md, sixth session)."""
+    inner, outer, mask = logits > 1.0, logits > -1.0, logits > 0.0
+    if not outer.any() or not mask.any():
+        return 1.0, 0.0
+    core = mask.copy()
+    core[1:] &= mask[:-1]
+    core[:-1] &= mask[1:]
+    core[:, 1:] &= mask[:, :-1]
+    core[:, :-1] &= mask[:, 1:]
+    outline = int(np.count_nonzero(mask & ~core))
+    band = int(np.count_nonzero(outer)) - int(np.count_nonzero(inner))
+    return float(np.count_nonzero(inner)) / float(np.count_nonzero(outer)), band / max(outline, 1)
+
+
+def record_walks(segmenter, reference, names, strategy, timings=None, signals=None):
     """{name: (key call, walk down, walk up, reference grids)} for every structure; ``timings``
-    (a dict of lists, see ``_Recorder``) collects the call times."""
+    (a dict of lists, see ``_Recorder``) collects the call times, ``signals`` (a dict) each
+    structure's {index: (stability, boundary width)}."""
     plane = segmenter.plane
     walks = {}
     for label, name, _ in P.select_structures(reference, names, 200):
@@ -106,13 +134,17 @@ def record_walks(segmenter, reference, names, strategy, timings=None):
         up = [c for c in rest if c[0] > key]
         refs = {k: np.asarray(plane.grid(mask3d, k), dtype=bool) for k in range(plane.num_slices)}
         walks[name] = (key_call, down, up, refs)
+        if signals is not None:
+            signals[name] = recorder.signals
     return walks
 
 
-def replay(walk, rules: StopRules):
+def replay(walk, rules: StopRules, extra=None):
     """{slice: mask} that ``propagate`` would return with ``rules`` (same hysteresis, overlap
     with the last accepted mask, feature similarity to the last non-empty mask against the median
-    of the accepted steps)."""
+    of the accepted steps). ``extra(index, mask, iou) -> bool``, if given, is one more rule: a
+    non-empty slice for which it is true fails too (a candidate rule, measured before it is
+    written into StopRules)."""
     (key_index, key_mask, _, key_features), down, up, _ = walk
     key_area = int(key_mask.sum())
     out = {key_index: key_mask}
@@ -127,7 +159,10 @@ def replay(walk, rules: StopRules):
             typical = float(np.median(similarities)) if similarities else None
             if features is not None:
                 previous_features = features
-            if rules.failures(mask, good, iou, key_area, similarity, typical):
+            failed = rules.failures(mask, good, iou, key_area, similarity, typical)
+            if not failed and extra is not None and mask.any():
+                failed = bool(extra(index, mask, iou))
+            if failed:
                 pending.append((index, mask))
                 if len(pending) >= rules.patience:
                     pending = []
@@ -244,7 +279,8 @@ def main(argv=None) -> int:
         cache=cache,
     )
     timings = {"segment": [], "mask_features": []}
-    walks = record_walks(segmenter, reference, names, _strategy(args.strategy), timings)
+    signals = {}
+    walks = record_walks(segmenter, reference, names, _strategy(args.strategy), timings, signals)
     print(
         f"{len(walks)} structures, {args.axis}, window {args.window}, strategy "
         f"{args.strategy or 'adaptive'} ({time.perf_counter() - t0:.0f} s)"
@@ -280,6 +316,31 @@ def main(argv=None) -> int:
         rule_sets = [StopRules(max_feature_drop=drop, feature_min_cells=c) for c in cells]
         scores = [mean_dice(walks, lambda w, r=rules: replay(w, r)) for rules in rule_sets]
         print(f"  {drop:<6}" + "".join(f"{v:8.4f}" for v in scores))
+
+    # candidate signals from the logits (not adopted; docs/propagation.md, sixth session)
+    def with_signal(rules, test):
+        return lambda w, name: replay(w, rules, lambda i, m, iou: test(signals[name][i], iou))
+
+    def mean_dice_named(choose):
+        return float(np.mean([dice3d(choose(w, n), w[3]) for n, w in walks.items()]))
+
+    floors = (0.55, 0.6, 0.65)
+    scores = [
+        mean_dice_named(with_signal(StopRules(), lambda sig, iou, t=t: sig[0] < t)) for t in floors
+    ]
+    joined = " / ".join(f"{v:.4f}" for v in scores)
+    print(f"defaults + stability below {' / '.join(map(str, floors))}: {joined}")
+    widths = (1.2, 1.6, 2.0)
+    no_iou = StopRules(min_iou=None)
+    scores = [
+        mean_dice_named(with_signal(no_iou, lambda sig, iou, t=t: iou < 0.7 and sig[1] > t))
+        for t in widths
+    ]
+    joined = " / ".join(f"{v:.4f}" for v in scores)
+    print(
+        "predicted IoU < 0.7 only where the boundary is wider than "
+        f"{' / '.join(map(str, widths))} px: {joined}"
+    )
     grid = []
     for min_iou, patience, min_overlap, min_area, drop in itertools.product(
         (None, 0.6, 0.65, 0.7, 0.75, 0.8),
