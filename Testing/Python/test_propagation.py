@@ -506,9 +506,8 @@ def test_box_of_mask_uses_pixel_edges_and_interior_point_is_the_distance_maximum
     assert (x, y) == (25.0, 12.0)
 
 
-def test_stop_rule_replay_of_the_benchmark_matches_propagate():
-    """Testing/benchmarks/bench_stop_rules.py replays stop rules on a walk recorded without them;
-    docs/propagation.md relies on the replay giving exactly what propagate() gives."""
+def _bench_stop_rules():
+    """Testing/benchmarks/bench_stop_rules.py as a module (it is a script, not a package)."""
     import importlib.util
 
     from conftest import ROOT
@@ -517,18 +516,32 @@ def test_stop_rule_replay_of_the_benchmark_matches_propagate():
     spec = importlib.util.spec_from_file_location("bench_stop_rules", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def _recorded_walk(bench, seg, prompts, key, refs):
+    """(walk as bench_stop_rules.record_walks keeps it, the recorder): ``propagate`` from
+    ``prompts`` without stop rules, recorded by the benchmark's _Recorder."""
+    recorder = bench._Recorder(seg)
+    propagate(recorder, prompts, stop=NO_STOP)
+    calls = recorder.calls
+    down = [c for c in calls[1:] if c[0] < key]
+    up = [c for c in calls[1:] if c[0] > key]
+    return (calls[0], down, up, refs), recorder
+
+
+def test_stop_rule_replay_of_the_benchmark_matches_propagate():
+    """Testing/benchmarks/bench_stop_rules.py replays stop rules on a walk recorded without them;
+    docs/propagation.md relies on the replay giving exactly what propagate() gives."""
+    bench = _bench_stop_rules()
 
     labels = organ_labels(first=6, last=22)
     dips = {9: 0.5, 10: 0.6, 12: 0.5, 18: 0.65, 20: 0.4, 21: 0.5}  # single and confirmed failures
     seg = FakeSegmenter(labels, iou=lambda k: dips.get(k, 0.9))
     key = 14
     prompts = {key: _key_prompt(seg, labels, key)}
-    recorder = bench._Recorder(seg)
-    propagate(recorder, prompts, stop=NO_STOP)
-    calls = recorder.calls
     refs = {k: _grid(labels, k) for k in range(SHAPE[0])}
-    walk = (calls[0], [c for c in calls[1:] if c[0] < key], [c for c in calls[1:] if c[0] > key])
-    walk = walk + (refs,)
+    walk, _ = _recorded_walk(bench, seg, prompts, key, refs)
     assert walk[1] and walk[2]
     rule_sets = (
         StopRules(),
@@ -548,12 +561,8 @@ def test_stop_rule_replay_of_the_benchmark_matches_propagate():
     seg = FeatureSegmenter(labels, disc=None, iou=lambda k: dips.get(k, 0.9))
     seg.mask_features = _disc_features(seg.mask_features, discs=(4, 19, 24))
     prompts = {key: SlicePrompts(key, box_xyxy=box_of_mask(seg.plane, _grid(labels, key, 2)))}
-    recorder = bench._Recorder(seg)
-    propagate(recorder, prompts, stop=NO_STOP)
-    calls = recorder.calls
     refs = {k: _grid(labels, k, 2) for k in range(SHAPE[0])}
-    walk = (calls[0], [c for c in calls[1:] if c[0] < key], [c for c in calls[1:] if c[0] > key])
-    walk = walk + (refs,)
+    walk, _ = _recorded_walk(bench, seg, prompts, key, refs)
     stops = set()
     for rules in rule_sets + (
         StopRules(max_feature_drop=0.2, patience=1),
@@ -572,15 +581,9 @@ def test_best_cut_of_the_benchmark_keeps_the_prefixes_with_the_highest_dice():
     """bench_stop_rules.best_cut (the stop-rule oracle docs/propagation.md quotes) keeps, in each
     direction, the prefix of the walk that maximises the 3D Dice: checked against every pair of
     prefixes on a hand-made walk that leaks on both sides."""
-    import importlib.util
     import itertools
 
-    from conftest import ROOT
-
-    path = ROOT / "Testing" / "benchmarks" / "bench_stop_rules.py"
-    spec = importlib.util.spec_from_file_location("bench_stop_rules", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_stop_rules()
 
     def square(r, c, size=4):
         m = np.zeros((20, 20), dtype=bool)
@@ -619,14 +622,7 @@ def test_candidate_logit_signals_of_the_benchmark():
     ``peak`` at the centre) the width is the distance from logit +1 to -1 (2 / slope pixels, up
     to the outline's digital length) whatever the mask's size, while the stability score falls
     for smaller masks. A rule given to ``replay`` as ``extra`` acts like the same StopRules rule."""
-    import importlib.util
-
-    from conftest import ROOT
-
-    path = ROOT / "Testing" / "benchmarks" / "bench_stop_rules.py"
-    spec = importlib.util.spec_from_file_location("bench_stop_rules", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_stop_rules()
 
     yy, xx = np.mgrid[0:256, 0:256]
     radius = np.hypot(yy - 128.0, xx - 128.0)
@@ -649,16 +645,12 @@ def test_candidate_logit_signals_of_the_benchmark():
     seg = FakeSegmenter(labels, iou=lambda k: dips.get(k, 0.9))
     key = 14
     prompts = {key: _key_prompt(seg, labels, key)}
-    recorder = bench._Recorder(seg)
-    propagate(recorder, prompts, stop=NO_STOP)
-    calls = recorder.calls
     refs = {k: _grid(labels, k) for k in range(SHAPE[0])}
-    walk = (calls[0], [c for c in calls[1:] if c[0] < key], [c for c in calls[1:] if c[0] > key])
-    walk = walk + (refs,)
+    walk, recorder = _recorded_walk(bench, seg, prompts, key, refs)
     as_rule = bench.replay(walk, StopRules(min_iou=0.7))
     as_extra = bench.replay(walk, StopRules(min_iou=None), extra=lambda i, m, iou: iou < 0.7)
     assert sorted(as_extra) == sorted(as_rule) != sorted(bench.replay(walk, NO_STOP))
-    assert set(recorder.signals) == {c[0] for c in calls}  # one (stability, width) per call
+    assert set(recorder.signals) == {c[0] for c in recorder.calls}  # one (stability, width) each
 
 
 def _disc_features(features, discs):
