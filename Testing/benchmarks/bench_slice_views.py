@@ -24,7 +24,6 @@ repository root (about 20 minutes on 2 CPU cores: every crop is encoded on its o
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,12 +33,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from SlicerSAM import protocols as P  # noqa: E402
-from SlicerSAM.intensity import parse_intensity  # noqa: E402
-from SlicerSAM.segmenter import Segmenter  # noqa: E402
-from SlicerSAM.volume import load_volume  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-DATA = ROOT.parent / "shared" / "data" / "ct-abdomen-3mm"
+from bench_stop_rules import DATA, load_case  # noqa: E402
+
+from SlicerSAM import protocols as P  # noqa: E402
+
 VIEWS = ("slice", "zoom", "flip-lr", "flip-ud", "flips")
 
 
@@ -116,16 +115,7 @@ def main(argv=None) -> int:
         print(f"shared data not found: {DATA}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    image = load_volume(DATA / "ct.nii.gz")
-    reference = np.asarray(load_volume(DATA / "labels.nii.gz").array).astype(np.int64)
-    names = {int(k): v for k, v in json.loads((DATA / "labels.json").read_text()).items()}
-    segmenter = Segmenter(
-        image,
-        "litemedsam",
-        orientation=args.axis,
-        intensity=parse_intensity(args.window),
-        device="cpu",
-    )
+    segmenter, reference, names = load_case(args.axis, args.window)
     plane = segmenter.plane
     structures = P.select_structures(reference, names, 200)
     # per structure and view: (intersection, predicted + reference pixels), summed over slices

@@ -255,6 +255,24 @@ def _strategy(text: str):
     return replace(base, **kwargs)
 
 
+def load_case(axis: str, window: str, cache=None):
+    """(LiteMedSAM Segmenter on the CPU over the sample CT, the reference label map as an int64
+    array on the CT's voxel grid, {label value: structure name}) for the benchmarks on ``DATA``;
+    ``cache``: an EmbeddingCache to share (None: a private one)."""
+    image = load_volume(DATA / "ct.nii.gz")
+    reference = np.asarray(load_volume(DATA / "labels.nii.gz").array).astype(np.int64)
+    names = {int(k): v for k, v in json.loads((DATA / "labels.json").read_text()).items()}
+    segmenter = Segmenter(
+        image,
+        "litemedsam",
+        orientation=axis,
+        intensity=parse_intensity(window),
+        device="cpu",
+        cache=cache,
+    )
+    return segmenter, reference, names
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"))
@@ -266,18 +284,8 @@ def main(argv=None) -> int:
         print(f"shared data not found: {DATA}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    image = load_volume(DATA / "ct.nii.gz")
-    reference = np.asarray(load_volume(DATA / "labels.nii.gz").array).astype(np.int64)
-    names = {int(k): v for k, v in json.loads((DATA / "labels.json").read_text()).items()}
     cache = EmbeddingCache(budget_mb=2048, disk_dir=args.cache_dir)
-    segmenter = Segmenter(
-        image,
-        "litemedsam",
-        orientation=args.axis,
-        intensity=parse_intensity(args.window),
-        device="cpu",
-        cache=cache,
-    )
+    segmenter, reference, names = load_case(args.axis, args.window, cache)
     timings = {"segment": [], "mask_features": []}
     signals = {}
     walks = record_walks(segmenter, reference, names, _strategy(args.strategy), timings, signals)
