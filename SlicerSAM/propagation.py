@@ -22,8 +22,11 @@ below was measured, docs/propagation.md):
    0, 1, 2, 3, 4, 6 pixels whose decode best reproduces the key mask (Dice).
 3. **Intensity-guided re-fit.** Organs grow and recede from slice to slice. The previous mask is
    re-fitted to the next slice before boxing: the pixels of the next slice that lie within r
-   pixels of the previous mask, whose value falls inside the previous mask's intensity range (its
-   5th-95th percentiles widened by 10 %) and that connect to the previous mask's footprint. The
+   pixels of the previous mask, whose value belongs to the structure and that connect to the
+   previous mask's footprint. A value belongs to it when it is more typical of the key slice's
+   mask than of a 3-pixel ring around that mask (:class:`SlicerSAM.contrast.IntensityContrast`;
+   until the seventh session: inside the previous mask's 5th-95th percentiles widened by 10 %,
+   ``grow_match="range"``, which let a rib's walk slide onto the muscle its mask held). The
    radius r scales with the structure (0.15 times the previous mask's equivalent diameter, between
    1 and 3 pixels): a rib may move 1 pixel, a liver 3. A fit that loses more than half of the
    previous area is not trusted (the previous mask is used).
@@ -33,7 +36,7 @@ below was measured, docs/propagation.md):
    but a small cross-section (aorta, spinal cord) drifts further than a quarter of its size.
 
 When to stop (:class:`StopRules`, all combinable, each None to disable): predicted IoU below
-``min_iou`` (0.7); area below ``min_area_fraction`` (0.1) of the key slice's area or below
+``min_iou`` (0.65); area below ``min_area_fraction`` (0.1) of the key slice's area or below
 ``min_pixels`` (4); Dice with the last accepted slice below ``min_overlap`` (0.3: a jump); the
 image encoder's view of the mask changing abruptly (``max_feature_drop``, 0.06: the cosine
 similarity of the mean embedding vectors under this and the previous slice's mask falls that far
@@ -71,6 +74,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import numpy as np
 
+from SlicerSAM.contrast import IntensityContrast, ring_around
 from SlicerSAM.errors import Cancelled, PromptError
 from SlicerSAM.prompts import SlicePrompts
 
@@ -127,7 +131,7 @@ class StopRules:
     """
 
     min_overlap: Optional[float] = 0.3
-    min_iou: Optional[float] = 0.7
+    min_iou: Optional[float] = 0.65
     min_area_fraction: Optional[float] = 0.1
     min_pixels: Optional[int] = 4
     max_slices: Optional[int] = None
@@ -235,8 +239,14 @@ class PropagationStrategy:
         key_roi_min_mm: the key ROI grows each side by at least this many mm (None: no floor).
             A quarter of a small cross-section is a pixel or two, less than a tube (aorta, spinal
             cord, psoas) drifts in-plane over its course.
-        grow_percentiles, grow_pad: the intensity range of the growth: these percentiles of the
-            previous mask's values, widened by ``grow_pad`` times their spread on each side.
+        grow_match: which values the growth accepts. "contrast": those more typical of the key
+            slice's mask than of a ring of ``grow_ring`` pixels around it
+            (:class:`SlicerSAM.contrast.IntensityContrast`); "range": those inside the previous
+            mask's ``grow_percentiles``, widened by ``grow_pad`` times their spread on each side.
+        grow_ring: width (4-connected steps, model-image pixels) of the key mask's ring that
+            "contrast" compares the mask with.
+        grow_percentiles, grow_pad: the value range of ``grow_match="range"`` (and of the wider
+            border of ``grow_edge_pad``).
         grow_fraction: scale the growth radius with the structure: this fraction of the previous
             mask's equivalent diameter, between 1 pixel and ``grow_radius`` (None: always
             ``grow_radius``).
@@ -262,6 +272,8 @@ class PropagationStrategy:
     fallback_to_key: bool = False
     key_roi: Optional[float] = 0.25
     key_roi_min_mm: Optional[float] = 15.0
+    grow_match: str = "contrast"
+    grow_ring: int = 3
     grow_percentiles: Tuple[float, float] = (5.0, 95.0)
     grow_pad: float = 0.1
     grow_fraction: Optional[float] = 0.15
@@ -275,6 +287,8 @@ class PropagationStrategy:
             raise ValueError(f"margin must be a number or 'calibrated', got {self.margin!r}")
         if self.grow_mode not in ("fit", "union"):
             raise ValueError(f"grow_mode must be 'fit' or 'union', got {self.grow_mode!r}")
+        if self.grow_match not in ("contrast", "range"):
+            raise ValueError(f"grow_match must be 'contrast' or 'range', got {self.grow_match!r}")
         if self.calibration not in ("box", "search"):
             raise ValueError(f"calibration must be 'box' or 'search', got {self.calibration!r}")
         if self.margin_frame not in ("image", "model"):
@@ -491,9 +505,30 @@ class _Context:
     def margin_px(self, margin: float) -> float:
         return float(margin) / self.model_scale
 
-    def region_for(self, index: int, prev_index: int, prev_img: np.ndarray) -> np.ndarray:
+    def contrast(self, key: _Key) -> Optional[IntensityContrast]:
+        """The key slice's :class:`IntensityContrast` (its mask against the ring around it),
+        learned once per key; None without intensities or for ``grow_match="range"``."""
+        s = self.strategy
+        if s.grow_match != "contrast" or s.grow_radius <= 0:
+            return None
+        if key.contrast is None:
+            values = self.intensity(key.index)
+            if values is None:
+                return None
+            ring = ring_around(key.image, s.grow_ring)
+            key.contrast = IntensityContrast.learn(values[key.image], values[ring])
+        return key.contrast
+
+    def region_for(
+        self,
+        index: int,
+        prev_index: int,
+        prev_img: np.ndarray,
+        contrast: Optional[IntensityContrast] = None,
+    ) -> np.ndarray:
         """The region whose box prompts slice ``index``: the previous mask, re-fitted to the
-        intensities of slice ``index`` when growth is on (module docstring, step 2)."""
+        intensities of slice ``index`` when growth is on (module docstring, step 3). The values
+        it accepts are ``contrast``'s when given, else the previous mask's range."""
         s = self.strategy
         if s.grow_radius <= 0:
             return prev_img
@@ -508,7 +543,10 @@ class _Context:
             return prev_img
         lo, hi = np.percentile(values, list(s.grow_percentiles))
         pad = s.grow_pad * (hi - lo) + 1e-6
-        match = (cur >= lo - pad) & (cur <= hi + pad)
+        if contrast is not None:
+            match = contrast.matches(cur)
+        else:
+            match = (cur >= lo - pad) & (cur <= hi + pad)
         radius = float(s.grow_radius)
         if s.grow_fraction is not None:
             diameter = np.sqrt(4.0 * float(prev_img.sum()) / np.pi)
@@ -541,11 +579,12 @@ class _Context:
         prev_logits: Optional[np.ndarray],
         margin: np.ndarray,
         bounds: Optional[np.ndarray] = None,
+        contrast: Optional[IntensityContrast] = None,
     ) -> SlicePrompts:
         s = self.strategy
         box = points = labels = logits = None
         if s.box:
-            region = self.region_for(index, prev_index, prev_img)
+            region = self.region_for(index, prev_index, prev_img, contrast)
             box = _box_of_image_mask(region, s.edge_box)
             box = _clip_box(_with_margin(box, margin), self.plane.image_shape, bounds)
         if s.points:
@@ -718,7 +757,13 @@ class _Walk:
                 return
             prev_img, prev_logits, prev_index = self.key.image, self.key.logits, self.key.index
         prompts = ctx.prompts_for(
-            index, prev_index, prev_img, prev_logits, self.key.margin, self.bounds
+            index,
+            prev_index,
+            prev_img,
+            prev_logits,
+            self.key.margin,
+            self.bounds,
+            ctx.contrast(self.key),
         )
         result = ctx.segment(index, prompts, s.multimask)
         best = int(result.best)
@@ -810,6 +855,7 @@ class _Key:
     area: int
     box: Optional[np.ndarray] = None  # the box the key slice was prompted with, if any
     margin: np.ndarray = field(default_factory=lambda: np.zeros(4))
+    contrast: Optional[IntensityContrast] = None  # learned on first use (_Context.contrast)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -299,8 +299,9 @@ def test_real_ct_keyslice_walk_stops_before_the_next_vertebra(real_ct):
 @pytest.mark.shared_data
 def test_real_ct_keyslice_walks_follow_tubes_that_drift_in_plane(real_ct):
     """The aorta and the spinal cord cross every slice but move in-plane along the way: a key ROI
-    of a quarter of their 7-px key box cut them off (Dice 0.80 and 0.55, the aorta on 23 of its 30
-    slices); the ROI's 15 mm floor lets the walks follow them through the volume."""
+    of a quarter of their 7-px key box cuts them off (measured: Dice 0.82 and 0.66, each on 24 of
+    its 30 slices; 0.80 and 0.55 before the contrast re-fit); the ROI's 15 mm floor lets the walks
+    follow them through the volume (0.90 and 0.76, all 30 slices)."""
     from dataclasses import replace
 
     from SlicerSAM.propagation import STRATEGIES
@@ -323,6 +324,9 @@ def test_real_ct_keyslice_walks_follow_tubes_that_drift_in_plane(real_ct):
     followed = run(STRATEGIES["adaptive"])
     assert followed["aorta"]["slices_predicted"] == 30, followed
     assert followed["aorta"]["dice"] >= 0.85, followed
-    assert followed["spinal_cord"]["dice"] >= 0.65, followed
+    assert followed["spinal_cord"]["slices_predicted"] == 30, followed
+    assert followed["spinal_cord"]["dice"] >= 0.7, followed
     cut = run(replace(STRATEGIES["adaptive"], key_roi_min_mm=None))
-    assert cut["aorta"]["dice"] < 0.85 and cut["spinal_cord"]["dice"] < 0.6, cut
+    for name in ("aorta", "spinal_cord"):
+        assert cut[name]["slices_predicted"] < 30, cut
+        assert cut[name]["dice"] < followed[name]["dice"] - 0.05, (cut, followed)
