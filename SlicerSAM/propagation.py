@@ -289,6 +289,10 @@ class PropagationStrategy:
             raise ValueError(f"grow_mode must be 'fit' or 'union', got {self.grow_mode!r}")
         if self.grow_match not in ("contrast", "range"):
             raise ValueError(f"grow_match must be 'contrast' or 'range', got {self.grow_match!r}")
+        if int(self.grow_ring) != self.grow_ring or self.grow_ring < 1:
+            raise ValueError(
+                f"grow_ring must be a whole number of pixels >= 1, got {self.grow_ring!r}"
+            )
         if self.calibration not in ("box", "search"):
             raise ValueError(f"calibration must be 'box' or 'search', got {self.calibration!r}")
         if self.margin_frame not in ("image", "model"):

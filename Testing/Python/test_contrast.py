@@ -105,6 +105,10 @@ def test_refit_follows_the_rib_not_the_muscle_its_key_mask_held(match):
         assert (region & muscle).sum() >= 5  # the range accepts the muscle under it
 
 
-def test_unknown_grow_match_is_refused():
+def test_unknown_grow_match_or_a_bad_ring_is_refused():
     with pytest.raises(ValueError, match="grow_match"):
         PropagationStrategy(grow_match="histogram")
+    for ring in (0, -2, 1.5):
+        with pytest.raises(ValueError, match="grow_ring"):
+            PropagationStrategy(grow_ring=ring)
+    assert PropagationStrategy(grow_ring=2.0).grow_ring == 2.0  # a whole number given as float
