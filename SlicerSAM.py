@@ -91,8 +91,10 @@ class SlicerSAM(ScriptedLoadableModule):
             "Interactive segmentation of CT and MRI with Segment Anything models (LiteMedSAM by "
             "default; MedSAM and SAM ViT-B/L/H on request). Place positive/negative points or a "
             "box (ROI) on a slice, check the live preview, propagate through the volume, then "
-            "accept into a segment. Shortcuts: Shift+P/N positive/negative point, Shift+B box, "
-            "Shift+C next candidate, Shift+A accept, Shift+U undo."
+            "accept into a segment. LiteMedSAM and MedSAM were trained with boxes only: clicks "
+            "without a box pick the box around them the model is surest of. Shortcuts: "
+            "Shift+P/N positive/negative point, Shift+B box, Shift+C next candidate, Shift+A "
+            "accept, Shift+U undo."
         )
         self.parent.acknowledgementText = (
             "Segment Anything (Meta AI, Apache-2.0); MedSAM and LiteMedSAM (Ma et al., "
@@ -268,7 +270,10 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _buildPrompts(self):
         form = self._section("Prompts and preview")
         self.positiveSelector, self.positivePlace, row = self._placeWidget(
-            "positivePoints", "vtkMRMLMarkupsFiducialNode", "Points inside the structure (Shift+P)."
+            "positivePoints",
+            "vtkMRMLMarkupsFiducialNode",
+            "Points inside the structure (Shift+P). With LiteMedSAM or MedSAM (trained with "
+            "boxes only) and no box, the clicks choose the box the model is given.",
         )
         form.addRow("Positive points:", row)
         self.negativeSelector, self.negativePlace, row = self._placeWidget(

@@ -93,6 +93,7 @@ def run_benchmark(
     segmenter=None,
     tolerance_mm: float = 2.0,
     structures: Optional[Sequence] = None,
+    point_prompts: str = "auto",
 ) -> dict:
     """Run one protocol for every structure of ``reference`` and evaluate it.
 
@@ -117,9 +118,12 @@ def run_benchmark(
         segmenter: a ready segmenter for ``image`` (overrides model/device/intensity/cache).
         tolerance_mm: NSD tolerance.
         structures: label values to run (default: all with at least ``min_voxels`` voxels).
+        point_prompts: what clicks become ("auto", "box", "model"; see
+            :class:`~SlicerSAM.segmenter.Segmenter`); ignored with ``segmenter``.
 
     Returns:
-        {"model", "device", "protocol", "axis", "window", "jitter", "seed", "min_voxels",
+        {"model", "device", "protocol", "axis", "window", "point_prompts", "jitter", "seed",
+        "min_voxels",
         "structures": {name: {"label", "dice", "iou", "hd95_mm", "nsd", "voxels_reference",
         "voxels_predicted", "slices_reference", "slices_predicted"}}, "mean_dice", "mean_iou",
         "timing": {"slices_encoded", "encode_ms_per_slice", "decode_ms_per_prompt", "wall_s",
@@ -160,6 +164,7 @@ def run_benchmark(
             device=device,
             cache=cache,
             checkpoint=checkpoint,
+            point_prompts=point_prompts,
         )
     plane = segmenter.plane
     spacing = tuple(float(s) for s in image.spacing)
@@ -217,6 +222,7 @@ def run_benchmark(
         "protocol": proto.name,
         "axis": getattr(plane, "orientation", orientation),
         "window": _window_text(intensity),
+        "point_prompts": getattr(segmenter, "point_prompts", None),
         "strategy": strategy_name or "default",
         "jitter": float(jitter),
         "seed": int(seed),
@@ -497,7 +503,7 @@ def run_dataset(
         segmenter_factory: ``factory(image Volume) -> segmenter`` instead of building a
             Segmenter (tests; must be picklable for ``workers`` > 1).
         **kwargs: passed to :func:`run_benchmark` (model, checkpoint, device, orientation,
-            intensity, min_voxels, jitter, seed, strategy, stop, tolerance_mm).
+            intensity, min_voxels, jitter, seed, strategy, stop, tolerance_mm, point_prompts).
 
     Returns:
         The summary (also written to ``out_dir/summary.json``): {"dataset", "protocol", "cases",

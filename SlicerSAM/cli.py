@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from SlicerSAM.box_search import POINT_PROMPTS
 from SlicerSAM.errors import Cancelled, SlicerSAMError
 
 log = logging.getLogger("SlicerSAM")
@@ -38,6 +39,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--download",
         action="store_true",
         help="allow downloading the model's official checkpoint (verified by sha256, cached)",
+    )
+    p.add_argument(
+        "--point-prompts",
+        choices=POINT_PROMPTS,
+        default="auto",
+        help="what clicks given without a box become: 'box', the box around them that the "
+        "model is surest of; 'model', the model's own point prompts; 'auto' (default), 'box' "
+        "for models trained with boxes only (LiteMedSAM, MedSAM)",
     )
 
 
@@ -121,6 +130,7 @@ def _load_segmenter(args, volume):
         orientation=args.axis or "axial",
         intensity=intensity,
         cache=_embedding_cache(args),
+        point_prompts=args.point_prompts,
     )
 
 
@@ -292,6 +302,11 @@ def cmd_segment(args, propagate_default: bool = False) -> int:
         "axis": args.axis,
         "window": args.window,
         "key_slice": index,
+        "point_prompts": segmenter.point_prompts,
+        # the box the key slice's mask came from when the clicks were turned into one
+        "searched_box_xyxy": None
+        if result.boxes_xyxy is None
+        else [round(float(v), 2) for v in result.boxes_xyxy[result.best]],
         "predicted_iou": float(result.iou[result.best]),
         "slices_segmented": sorted(int(k) for k, v in grids.items() if v.any()),
         "stop_reasons": stop_reasons,
@@ -431,6 +446,7 @@ def cmd_benchmark(args) -> int:
             seed=args.seed,
             workers=args.workers,
             label_names=names,
+            point_prompts=args.point_prompts,
             progress=_progress_bar("cases", unit="case"),
         )
         print(json.dumps({k: v for k, v in summary.items() if k != "structures"}, indent=1))
@@ -457,6 +473,7 @@ def cmd_benchmark(args) -> int:
         seed=args.seed,
         progress=_progress_bar(args.protocol, unit="structure"),
         cache=_embedding_cache(args),
+        point_prompts=args.point_prompts,
     )
     benchmark.write_benchmark_outputs(
         result,

@@ -112,6 +112,7 @@ def run_demo(args) -> int:
         intensity=intensity,
         min_voxels=args.min_voxels,
         progress=_progress_bar(args.protocol, unit="structure"),
+        point_prompts=args.point_prompts,
     )
     out = _run_folder(args.output)
     segments = [

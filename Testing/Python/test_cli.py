@@ -221,6 +221,42 @@ def test_segment_propagates_within_a_3d_roi(shared_data, litemedsam_checkpoint, 
     assert dice > 0.8
 
 
+@pytest.mark.slow
+def test_one_click_segments_the_spleen_and_point_prompts_model_gives_lite_medsams_own_answer(
+    shared_data, litemedsam_checkpoint, tmp_path
+):
+    """A click in the spleen (a prompt file in voxel coordinates): LiteMedSAM was trained with
+    boxes only, so by default the click becomes the box the model is surest of; with
+    ``--point-prompts model`` the model gets the point and returns next to nothing."""
+    from scipy import ndimage
+
+    names = json.loads((shared_data / "ct-abdomen-3mm/labels.json").read_text())
+    spleen = np.asarray(nib.load(str(shared_data / LABELS)).dataobj) == next(
+        int(v) for v, n in names.items() if n == "spleen"
+    )
+    k = int(np.argmax(spleen.sum(axis=(0, 1))))
+    depth = ndimage.distance_transform_edt(spleen[:, :, k])
+    i, j = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    prompts = tmp_path / "click.json"
+    point = {"position": [k, int(j), int(i)], "positive": True}
+    prompts.write_text(json.dumps({"frame": "kji", "points": [point]}))
+    dices, infos = {}, {}
+    for mode in ("auto", "model"):
+        out, info = tmp_path / f"{mode}.nii.gz", tmp_path / f"{mode}.json"
+        argv = ["segment", str(shared_data / CT), "--prompts", str(prompts), "--output", str(out)]
+        argv += ["--json", str(info), "--device", "cpu", "--point-prompts", mode]
+        assert main(argv) == 0
+        mask = np.asarray(nib.load(str(out)).dataobj) > 0
+        assert np.nonzero(mask.any(axis=(0, 1)))[0].tolist() in ([k], [])
+        ref = spleen[:, :, k]
+        dices[mode] = 2 * (mask[:, :, k] & ref).sum() / (mask[:, :, k].sum() + ref.sum())
+        infos[mode] = json.loads(info.read_text())
+    assert infos["auto"]["point_prompts"] == "box" and infos["model"]["point_prompts"] == "model"
+    x0, y0, x1, y1 = infos["auto"]["searched_box_xyxy"]
+    assert x0 < x1 and y0 < y1 and infos["model"]["searched_box_xyxy"] is None
+    assert dices["auto"] > 0.75 and dices["model"] < 0.2, dices
+
+
 def test_prompt_outside_the_volume_fails_without_output(shared_data, tmp_path, capsys):
     prompts = tmp_path / "far.json"
     prompts.write_text(

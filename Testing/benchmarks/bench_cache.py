@@ -4,7 +4,10 @@ Measures, with the default model (LiteMedSAM unless --model):
 
 - slices encoded for a single-slice prompt on the 112-slice volume (expected: 1);
 - cold prompt-to-mask latency (slice extraction + encode + decode), the first prompt on a slice;
-- warm latency (the embedding is cached: decode only), later prompts on the same slice;
+- warm latency (the embedding is cached: decode only), later prompts on the same slice: a box
+  (one decode), a new click (with a box-trained model such as LiteMedSAM, the box search of
+  ``SlicerSAM.box_search``: 11 decodes) and a negative click added to the last click (the
+  search re-ranks the decodes it remembers);
 - disk latency: a new cache instance (a new session) reading the slice from the disk tier;
 - cache memory per slice, float16 and float32.
 
@@ -72,10 +75,18 @@ def main(argv=None) -> int:
     rows, cols = plane.grid_shape
     n = plane.num_slices
 
-    def click(index):  # a click near the slice centre, in voxel coordinates
+    def click(index, shift=0, negative=False):
+        """A click near the slice centre (``shift`` voxels along the rows), in voxel
+        coordinates; ``negative`` adds a negative click a quarter of the slice away."""
         kji = np.zeros(3)
         kji[plane.axis], kji[plane.row_axis], kji[plane.col_axis] = index, rows // 2, cols // 2
-        return Prompts(points=(Point(kji),), frame="kji")
+        kji[plane.row_axis] += shift
+        points = [Point(kji)]
+        if negative:
+            away = kji.copy()
+            away[plane.col_axis] += cols // 4
+            points.append(Point(away, positive=False))
+        return Prompts(points=tuple(points), frame="kji")
 
     def box(index):
         a, b = np.zeros(3), np.zeros(3)
@@ -102,12 +113,17 @@ def main(argv=None) -> int:
         ms, _ = _ms(lambda fresh=fresh, index=index: (fresh.segment_prompts(box(index)), sync()))
         cold.append(ms)
 
-    # 3. warm: more prompts on the slice encoded in step 1
-    warm = []
+    # 3. warm: more prompts on the slice encoded in step 1: boxes, new clicks (a new position
+    # each time, so the box search decodes anew), a negative click added to the last click
+    warm, warm_click, warm_negative = [], [], []
     for r in range(args.repeats):
-        prompt = box(key_slice) if r % 2 else click(key_slice)
-        ms, _ = _ms(lambda prompt=prompt: (seg.segment_prompts(prompt), sync()))
+        ms, _ = _ms(lambda: (seg.segment_prompts(box(key_slice)), sync()))
         warm.append(ms)
+        ms, _ = _ms(lambda r=r: (seg.segment_prompts(click(key_slice, 3 * (r + 1))), sync()))
+        warm_click.append(ms)
+        negative = click(key_slice, 3 * (r + 1), negative=True)
+        ms, _ = _ms(lambda negative=negative: (seg.segment_prompts(negative), sync()))
+        warm_negative.append(ms)
     assert seg.stats.slices_encoded == slices_for_one_prompt, "warm prompts encoded again"
 
     # 4. disk: a new cache instance (a new session) finds the slice on disk
@@ -138,6 +154,10 @@ def main(argv=None) -> int:
         "cold_prompt_to_mask_ms": [round(v, 1) for v in cold],
         "warm_prompt_to_mask_ms_median": round(statistics.median(warm), 1),
         "warm_prompt_to_mask_ms": [round(v, 1) for v in warm],
+        "point_prompts": seg.point_prompts,
+        "warm_click_to_mask_ms_median": round(statistics.median(warm_click), 1),
+        "warm_click_to_mask_ms": [round(v, 1) for v in warm_click],
+        "warm_negative_click_to_mask_ms_median": round(statistics.median(warm_negative), 1),
         "disk_prompt_to_mask_ms": round(disk_ms, 1),
         "disk_slices_encoded": disk_encoded,
         "disk_file_mb": round(file_mb, 3),
@@ -159,7 +179,12 @@ def main(argv=None) -> int:
     rows_out = [
         ("slices encoded for a single-slice prompt", f"{slices_for_one_prompt}"),
         ("cold prompt -> mask, ms (median, encode+decode)", f"{statistics.median(cold):.1f}"),
-        ("warm prompt -> mask, ms (median, cached)", f"{statistics.median(warm):.1f}"),
+        ("warm box -> mask, ms (median, cached)", f"{statistics.median(warm):.1f}"),
+        (
+            f"warm new click -> mask, ms (median; {seg.point_prompts})",
+            f"{statistics.median(warm_click):.1f}",
+        ),
+        ("warm + a negative click -> mask, ms (median)", f"{statistics.median(warm_negative):.1f}"),
         ("new session, slice on disk -> mask, ms", f"{disk_ms:.1f}"),
         ("cache memory per slice, MB (float16)", f"{per_slice['float16']:.2f}"),
         ("cache memory per slice, MB (float32)", f"{per_slice['float32']:.2f}"),
