@@ -11,8 +11,11 @@ predicted IoU; this module does the same with the only prompt these models under
    :data:`HALF_SIZES_MM` (6 to 76 mm: a rib to a kidney-sized cross-section in one box; a liver
    takes a second click), clipped to the image (:func:`candidate_boxes`).
 2. **Clicks are constraints.** A candidate's mask honours a click when a positive click lies
-   inside it or a negative click outside it. The masks that honour the most clicks stay in the
-   running (all of them, normally).
+   inside it or a negative click outside it (at the mask's edge: :data:`CLICK_TOLERANCE_PX`).
+   Positive clicks say what the object is and come first: the masks that honour the most
+   positive clicks stay in the running, then those that honour the most negative ones (a
+   negative click chooses among masks of the object; it never outvotes the object itself).
+   Normally some candidates honour every click.
 3. **Rank.** By predicted IoU times SAM's stability score (the area where the logits exceed +1
    over the area where they exceed -1: a mask whose outline the model is unsure of changes with
    the threshold). The best :data:`RERANK` are prompted once more with their own tight box; the
@@ -20,10 +23,12 @@ predicted IoU; this module does the same with the only prompt these models under
    be the same mask) multiplies their score.
 
 Measured on the shared CT (29 structures, 3 slices each, one click at the most interior point;
-docs/propagation.md): mean Dice of the chosen mask 0.624 / 0.644 / 0.568 on the axial / coronal /
-sagittal slices, against 0.55 for the best single box size and 0.75 for an oracle picking the
-best candidate by the reference. Cost: ``len(HALF_SIZES_MM) + RERANK`` decodes (about 0.5 s per
-click on 2 CPU cores, milliseconds on a GPU).
+``Testing/benchmarks/bench_click_boxes.py``, docs/propagation.md): mean Dice of the chosen mask
+0.624 / 0.645 / 0.568 on axial / coronal / sagittal slices, against 0.061 / 0.019 / 0.024 for
+the model's own answer to the click, 0.545 / 0.578 / 0.517 for the best single box size (27 mm)
+and 0.750 / 0.766 / 0.723 for an oracle picking the best candidate by the reference. Cost:
+``len(HALF_SIZES_MM) + RERANK`` decodes per new set of positive clicks (the segmenter remembers
+recent decodes, so a negative click re-ranks them without decoding again).
 
 Coordinates: boxes XYXY and clicks (x, y) in model-image pixels (docs/architecture.md); masks on
 the model image here, the segmenter converts.
@@ -60,8 +65,18 @@ POINT_PROMPTS = ("auto", "box", "model")
 HALF_SIZES_MM: Tuple[float, ...] = (6.0, 9.0, 13.0, 19.0, 27.0, 38.0, 54.0, 76.0)
 
 # How many of the best-ranked candidates are prompted again with their own tight box (the
-# self-consistency factor): 3 scores as all of them (measured 2, 3, 4, 5 and all).
+# self-consistency factor): 3 scores as re-prompting all 8 does (mean Dice over the three axes
+# 0.612 and 0.611), and adds 0.009 to ranking by IoU x stability alone.
 RERANK = 3
+
+# A mask that covers one of the positive clicks honours the other clicks when it reaches the
+# click's pixel or one of its 8 neighbours (radius 1.5 px): a correction click on the boundary of
+# the right mask (the most interior point of a one-pixel error rim) would otherwise rule that mask
+# out for a smaller or an unrelated one. A mask that covers no positive click is not the object
+# clicked on, and its near misses do not count (else a neighbour touching a click on a thin
+# structure would compete with it). Measured in docs/propagation.md ("Clicks for box-trained
+# models").
+CLICK_TOLERANCE_PX = 1.5
 
 # SAM's stability-score offset (segment-anything's automatic mask generator uses 1.0 on logits)
 STABILITY_OFFSET = 1.0
@@ -72,7 +87,8 @@ class BoxCandidate:
     """One candidate box and what the model made of it.
 
     box_xyxy (4,) model-image pixels; mask (H, W) bool on the model image; iou: predicted IoU;
-    stability: :func:`stability_score` of its low-res logits; honoured: clicks its mask honours;
+    stability: :func:`stability_score` of its low-res logits; honoured: (positive, negative)
+    clicks its mask honours (:func:`clicks_honoured`);
     consistency: Dice with the mask of its own tight box (None when not re-prompted);
     payload: the decoder's output, passed through for the caller.
     """
@@ -81,7 +97,7 @@ class BoxCandidate:
     mask: np.ndarray
     iou: float
     stability: float
-    honoured: int
+    honoured: Tuple[int, int]
     consistency: Optional[float] = None
     payload: object = None
 
@@ -128,16 +144,46 @@ def candidate_boxes(
     return np.asarray(out, dtype=np.float32)
 
 
-def clicks_honoured(mask: np.ndarray, points_xy: np.ndarray, point_labels: np.ndarray) -> int:
-    """How many clicks ``mask`` (H, W bool, model image) honours: positive clicks whose pixel is
-    inside it, negative clicks whose pixel is outside (the pixel nearest to (x, y))."""
+def clicks_honoured(
+    mask: np.ndarray,
+    points_xy: np.ndarray,
+    point_labels: np.ndarray,
+    tolerance: float = CLICK_TOLERANCE_PX,
+) -> Tuple[int, int]:
+    """How many of the positive and of the negative clicks ``mask`` (H, W bool, model image)
+    honours, as (positive, negative).
+
+    A click's pixel is the pixel nearest to its (x, y); clicks of one label on one pixel count
+    once (a correction the model cannot make gets clicked again on the same pixel, and should not
+    outvote other clicks by repetition). If the mask covers the pixel of at least
+    one positive click, a positive click is honoured when a mask pixel lies within ``tolerance``
+    pixels of its pixel, a negative click when a pixel outside the mask does; otherwise (or with
+    ``tolerance`` 0) each click's own pixel decides.
+    """
     mask = np.asarray(mask, dtype=bool)
     xy = np.asarray(points_xy, dtype=np.float64).reshape(-1, 2)
     labels = np.asarray(point_labels).reshape(-1)
     cols = np.clip(np.rint(xy[:, 0]).astype(int), 0, mask.shape[1] - 1)
     rows = np.clip(np.rint(xy[:, 1]).astype(int), 0, mask.shape[0] - 1)
-    inside = mask[rows, cols]
-    return int(np.sum(inside == (labels == 1)))
+    rows, cols, labels = np.unique(np.stack([rows, cols, (labels == 1).astype(int)]), axis=1)
+    if not np.any(mask[rows, cols] & (labels == 1)):
+        tolerance = 0.0
+    reach = int(np.floor(tolerance))
+    offsets = [
+        (dr, dc)
+        for dr in range(-reach, reach + 1)
+        for dc in range(-reach, reach + 1)
+        if dr * dr + dc * dc <= tolerance * tolerance
+    ]
+    honoured = [0, 0]  # positive, negative
+    for row, col, label in zip(rows, cols, labels):
+        wanted = bool(label == 1)
+        for dr, dc in offsets:
+            r, c = row + dr, col + dc
+            if 0 <= r < mask.shape[0] and 0 <= c < mask.shape[1] and mask[r, c] == wanted:
+                honoured[0 if wanted else 1] += 1
+                break
+    return honoured[0], honoured[1]
 
 
 def stability_score(logits: np.ndarray, offset: float = STABILITY_OFFSET) -> float:
@@ -187,7 +233,8 @@ def search_box(
         rerank: how many of the best are prompted again with their own tight box.
 
     Returns:
-        [:class:`BoxCandidate`], the ones honouring the most clicks first, each group by score;
+        [:class:`BoxCandidate`], the ones honouring the most positive clicks first, among them
+        those honouring the most negative ones, each group by score;
         the first ``rerank`` carry their consistency.
     """
     boxes = candidate_boxes(points_xy, point_labels, image_shape, pixel_mm, half_sizes_mm)
@@ -206,7 +253,7 @@ def search_box(
         )
 
     def order(c: BoxCandidate):
-        return (-c.honoured, -c.score)
+        return (-c.honoured[0], -c.honoured[1], -c.score)
 
     found.sort(key=order)
     top = []

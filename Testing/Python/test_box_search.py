@@ -49,10 +49,32 @@ def test_candidates_need_a_positive_click():
 def test_clicks_honoured_counts_positives_inside_and_negatives_outside():
     mask = np.zeros((10, 10), bool)
     mask[2:5, 3:7] = True  # rows 2-4, cols 3-6
-    xy = np.array([[3.2, 2.4], [8, 8], [6, 4], [5, 3]])  # (x, y): in, out, in, in
-    assert clicks_honoured(mask, xy, [1, 0, 1, 1]) == 4
-    assert clicks_honoured(mask, xy, [1, 1, 0, 1]) == 2
-    assert clicks_honoured(mask, [[100, -3]], [0]) == 1  # off the image: the nearest pixel
+    xy = np.array([[3.2, 2.4], [8, 8], [5, 3]])  # (x, y): in, far out, deep in (row 3)
+    assert clicks_honoured(mask, xy, [1, 0, 1]) == (2, 1)
+    assert clicks_honoured(mask, xy, [1, 1, 0]) == (1, 0)  # a far positive; a negative deep inside
+    assert clicks_honoured(mask, [[100, -3]], [0]) == (0, 1)  # off the image: the nearest pixel
+    # clicks of one label on one pixel count once; a positive and a negative there count apart
+    again = [[5, 3], [5.2, 2.9], [5, 3], [8, 8], [8, 8]]
+    assert clicks_honoured(mask, again, [1, 1, 0, 0, 0]) == (1, 1)
+
+
+def test_a_click_on_or_beside_the_mask_edge_counts_when_the_mask_covers_a_positive():
+    mask = np.zeros((10, 10), bool)
+    mask[2:5, 3:7] = True  # rows 2-4, cols 3-6
+    inside, edge_pixel, beside, diagonal, two_off = [4, 3], [6, 4], [7, 3], [7, 5], [8, 3]
+    # the mask covers the first click: the others count within the 8 neighbours of their pixel
+    # (a negative on the edge pixel has outside pixels next to it)
+    assert clicks_honoured(mask, [inside, edge_pixel], [1, 0]) == (1, 1)
+    assert clicks_honoured(mask, [inside, beside, diagonal], [1, 1, 1]) == (3, 0)
+    assert clicks_honoured(mask, [inside, two_off], [1, 1]) == (1, 0)
+    # radius 1: the 4 neighbours only; radius 0: the click's own pixel
+    assert clicks_honoured(mask, [inside, beside, diagonal], [1, 1, 1], tolerance=1.0) == (2, 0)
+    assert clicks_honoured(mask, [inside, edge_pixel], [1, 0], tolerance=0) == (1, 0)
+    assert clicks_honoured(mask, [inside, two_off], [1, 1], tolerance=2.0) == (2, 0)
+    # a mask that covers no positive click is another object: near misses do not count
+    assert clicks_honoured(mask, [beside, diagonal], [1, 1]) == (0, 0)
+    assert clicks_honoured(mask, [beside, edge_pixel], [1, 0]) == (0, 0)
+    assert clicks_honoured(mask, [beside, [9, 9]], [1, 0]) == (0, 1)
 
 
 def test_stability_score_is_the_share_of_the_soft_mask_that_is_sure():
@@ -132,15 +154,56 @@ def test_a_negative_click_steers_the_search_to_a_mask_that_leaves_it_out():
     assert np.array_equal(alone[0].mask, model.mask_of(large))
     # a negative click on the organ far away: only the lesion-sized boxes leave it out
     steered = search_box(model, [[24, 24], [40, 40]], [1, 0], (80, 80), 1.0, half_sizes_mm=sizes)
-    assert steered[0].honoured == 2
+    assert steered[0].honoured == (1, 1)
     assert np.array_equal(steered[0].mask, model.mask_of(small))
+
+
+def test_a_click_on_the_edge_of_the_right_mask_keeps_it(monkeypatch):
+    """Correction clicks land on one-pixel rims: a negative click on the organ's last pixel
+    column must not hand the answer to a small part of the organ that happens to leave the
+    click out. Counting the click's own pixel only (radius 0), it does."""
+    import functools
+
+    import SlicerSAM.box_search as box_search
+
+    part, organ = (13, 13, 17, 17), (10, 10, 45, 45)
+    clicks, labels = [[15, 15], [45, 30]], [1, 0]  # a positive in the organ, a negative on its edge
+
+    def search():
+        model = RectangleModel((80, 80), [part, organ])
+        found = search_box(model, clicks, labels, (80, 80), 1.0, half_sizes_mm=(4, 12, 20, 31))
+        return model, found[0]
+
+    model, best = search()
+    assert best.honoured == (1, 1)
+    assert np.array_equal(best.mask, model.mask_of(organ))
+
+    exact = functools.partial(box_search.clicks_honoured, tolerance=0)
+    monkeypatch.setattr(box_search, "clicks_honoured", exact)
+    model, best = search()
+    assert np.array_equal(best.mask, model.mask_of(part))
 
 
 def test_when_no_candidate_honours_every_click_the_most_honoured_come_first():
     model = RectangleModel((40, 40), [(5, 5, 30, 30)])
     found = search_box(model, [[10, 10], [12, 12]], [1, 0], (40, 40), 1.0, half_sizes_mm=(2, 25))
-    assert all(c.honoured == 1 for c in found)  # the negative click lies inside the only object
+    # the negative click lies inside the only object: its masks honour the positive click only
+    assert all(c.honoured in ((1, 0), (0, 1)) for c in found)
     assert [c.honoured for c in found] == sorted((c.honoured for c in found), reverse=True)
+    assert found[0].honoured == (1, 0)
+
+
+def test_negative_clicks_never_outvote_the_object_the_positive_clicks_are_on():
+    """A leak the model cannot leave out gets clicked again and again (clicks-N puts the next
+    click on the largest error, the same pixel): three negative clicks on the organ's inside
+    must not hand the answer to an empty mask or a neighbour that leaves them out."""
+    organ, neighbour = (10, 10, 30, 30), (34, 10, 50, 30)
+    model = RectangleModel((60, 60), [organ, neighbour])
+    clicks = [[20, 20], [25, 25], [25, 25], [25, 25]]
+    found = search_box(model, clicks, [1, 0, 0, 0], (60, 60), 1.0, half_sizes_mm=(2, 12, 40))
+    assert found[0].honoured == (1, 0)
+    assert np.array_equal(found[0].mask, model.mask_of(organ))
+    assert any(c.honoured == (0, 1) for c in found)  # masks that leave the organ out lose
 
 
 def test_distinct_skips_candidates_that_repeat_a_kept_mask():

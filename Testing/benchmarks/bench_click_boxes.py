@@ -104,7 +104,7 @@ def record(segmenter, reference, names) -> list:
                         "dice": dice(result.mask, ref),
                         "iou": float(result.iou[0]),
                         "stability": stability_score(result.low_res_logits[0]),
-                        "holds": clicks_honoured(image, click, labels) == 1,
+                        "holds": clicks_honoured(image, click, labels)[0] == 1,
                         "consistency": consistency,
                     }
                 )

@@ -1,0 +1,157 @@
+"""Correction clicks on a box-trained model: how the box search should weigh the clicks.
+
+Replays the ``clicks-N`` protocol (docs/protocols.md: a click at the most interior point of the
+reference, then each next click at the most interior point of the largest error region) with up
+to 5 clicks on every slice of every structure of ``../shared/data/ct-abdomen-3mm`` (>= 200
+voxels), answering the clicks with :func:`SlicerSAM.box_search.search_box` (LiteMedSAM), and
+prints the mean over structures of the 3D Dice after 1, 2, ... 5 clicks (after 3 and 5 clicks:
+the ``clicks-3`` and ``clicks-5`` benchmark figures; a slice where nothing is wrong stops early).
+
+``--variant`` replaces how a candidate mask's clicks are counted (``clicks_honoured``), to compare
+the default with what was tried before it (docs/propagation.md, "Clicks for box-trained models"):
+
+* ``default``: the module as it is: positive clicks honoured first, then negative ones; clicks
+  of one label on one pixel count once; the edge tolerance of ``--tolerance`` pixels;
+* ``count``: the number of clicks honoured, positive and negative alike, each click counted;
+* ``anchored``: masks covering a positive click's own pixel first, then ``count``;
+* ``positive-first``: the default without counting a repeated click once.
+
+From the repository root (about 8 minutes per variant on one core once the slices are encoded):
+
+    python Testing/benchmarks/bench_click_ranking.py [--variant default] [--tolerance 1.5]
+        [--axis axial] [--window 40,400] [--cache-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_stop_rules import DATA, load_case  # noqa: E402
+
+import SlicerSAM.box_search as box_search  # noqa: E402
+from SlicerSAM.cache import EmbeddingCache  # noqa: E402
+from SlicerSAM.prompts import SlicePrompts  # noqa: E402
+from SlicerSAM.protocols import _grid_to_image_mask, error_click, select_structures  # noqa: E402
+
+CLICKS = 5
+VARIANTS = ("default", "count", "anchored", "positive-first")
+
+
+def each_click(mask, points_xy, point_labels, tolerance):
+    """(whether the mask covers a positive click's own pixel, [honoured] per click, repeats
+    kept): the module's rule for one click (``clicks_honoured``), without its merging of repeated
+    clicks."""
+    from scipy import ndimage
+
+    xy = np.asarray(points_xy, np.float64).reshape(-1, 2)
+    labels = np.asarray(point_labels).reshape(-1)
+    cols = np.clip(np.rint(xy[:, 0]).astype(int), 0, mask.shape[1] - 1)
+    rows = np.clip(np.rint(xy[:, 1]).astype(int), 0, mask.shape[0] - 1)
+    anchored = bool(np.any(mask[rows, cols] & (labels == 1)))
+    reach_in, reach_out = mask, ~mask
+    if anchored and tolerance > 0:
+        r = int(np.floor(tolerance))
+        dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
+        disk = dy * dy + dx * dx <= tolerance * tolerance
+        reach_in = ndimage.binary_dilation(mask, disk)
+        reach_out = ndimage.binary_dilation(~mask, disk)
+    honoured = [
+        bool(reach_in[y, x] if label == 1 else reach_out[y, x])
+        for y, x, label in zip(rows, cols, labels)
+    ]
+    return anchored, honoured, labels
+
+
+def counting(variant: str, tolerance: float):
+    """A ``clicks_honoured`` for ``variant``: the pair search_box ranks by (larger first)."""
+    if variant == "default":
+        return functools.partial(box_search.clicks_honoured, tolerance=tolerance)
+
+    def honoured(mask, points_xy, point_labels, **_):
+        mask = np.asarray(mask, dtype=bool)
+        anchored, each, labels = each_click(mask, points_xy, point_labels, tolerance)
+        if variant == "count":
+            return sum(each), 0
+        if variant == "anchored":
+            return int(anchored), sum(each)
+        positive = sum(h for h, label in zip(each, labels) if label == 1)
+        return positive, sum(each) - positive
+
+    return honoured
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def replay(segmenter, reference, names) -> dict:
+    """{structure: [3D Dice after 1 .. CLICKS clicks]}, clicks-N on every slice it is on."""
+    plane = segmenter.plane
+    out = {}
+    for label, name, _ in select_structures(reference, names, 200):
+        mask3d = reference == label
+        after = [np.zeros(mask3d.shape, dtype=bool) for _ in range(CLICKS)]
+        for index in range(plane.num_slices):
+            ref = np.asarray(plane.grid(mask3d, index), dtype=bool)
+            if not ref.any():
+                continue
+            ref_img = _grid_to_image_mask(plane, ref)
+            points, labels = [], []
+            mask = np.zeros(plane.grid_shape, dtype=bool)
+            for n in range(CLICKS):
+                click = error_click(_grid_to_image_mask(plane, mask), ref_img)
+                if click is not None:  # else nothing is wrong: the mask stays
+                    points.append(click[:2])
+                    labels.append(click[2])
+                    prompts = SlicePrompts(
+                        index,
+                        points_xy=np.asarray(points, np.float32),
+                        point_labels=np.asarray(labels, np.int32),
+                    )
+                    result = segmenter.segment(index, prompts, multimask=(n == 0))
+                    mask = np.asarray(result.masks[result.best], dtype=bool)
+                plane.set_grid(after[n], index, mask)
+        out[name] = [dice(pred, mask3d) for pred in after]
+        print(f"  {name}: " + " ".join(f"{d:.3f}" for d in out[name]), file=sys.stderr, flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variant", default="default", choices=VARIANTS)
+    parser.add_argument("--tolerance", type=float, default=box_search.CLICK_TOLERANCE_PX)
+    parser.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"))
+    parser.add_argument("--window", default="40,400")
+    parser.add_argument("--cache-dir", help="keep slice embeddings in this folder")
+    args = parser.parse_args(argv)
+    if not DATA.is_dir():
+        print(f"shared data not found: {DATA}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    box_search.clicks_honoured = counting(args.variant, args.tolerance)
+    cache = EmbeddingCache(budget_mb=2048, disk_dir=args.cache_dir)
+    segmenter, reference, names = load_case(args.axis, args.window, cache)
+    segmenter.point_prompts = "box"
+    dices = replay(segmenter, reference, names)
+    means = " ".join(f"{np.mean([d[n] for d in dices.values()]):.4f}" for n in range(CLICKS))
+    print(
+        f"{args.variant}, tolerance {args.tolerance:g} px, {args.axis}, window {args.window}, "
+        f"{len(dices)} structures: mean Dice after 1..{CLICKS} clicks {means} "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
