@@ -155,10 +155,10 @@ def clicks_honoured(
 
     A click's pixel is the pixel nearest to its (x, y); clicks of one label on one pixel count
     once (a correction the model cannot make gets clicked again on the same pixel, and should not
-    outvote other clicks by repetition). If the mask covers the pixel of at least
-    one positive click, a positive click is honoured when a mask pixel lies within ``tolerance``
-    pixels of its pixel, a negative click when a pixel outside the mask does; otherwise (or with
-    ``tolerance`` 0) each click's own pixel decides.
+    outvote other clicks by repetition). If the mask covers the pixel of at least one positive
+    click, a positive click is honoured when a mask pixel lies within ``tolerance`` pixels of its
+    pixel, a negative click when a pixel outside the mask does; otherwise (or with ``tolerance``
+    0) each click's own pixel decides.
     """
     mask = np.asarray(mask, dtype=bool)
     xy = np.asarray(points_xy, dtype=np.float64).reshape(-1, 2)
