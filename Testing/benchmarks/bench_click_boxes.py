@@ -26,7 +26,6 @@ root (about 2 minutes per axis on 2 cores once the slices are encoded):
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_stop_rules import DATA, load_case  # noqa: E402
+from bench_stop_rules import case_parser, open_case  # noqa: E402
 
 from SlicerSAM.box_search import (  # noqa: E402
     HALF_SIZES_MM,
@@ -47,7 +46,6 @@ from SlicerSAM.box_search import (  # noqa: E402
     stability_score,
     tight_box,
 )
-from SlicerSAM.cache import EmbeddingCache  # noqa: E402
 from SlicerSAM.prompts import SlicePrompts  # noqa: E402
 from SlicerSAM.propagation import interior_point  # noqa: E402
 from SlicerSAM.protocols import select_structures  # noqa: E402
@@ -139,17 +137,12 @@ def pick(candidates, sizes, score, rerank=None):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"))
-    parser.add_argument("--window", default="40,400")
-    parser.add_argument("--cache-dir", help="keep slice embeddings in this folder")
-    args = parser.parse_args(argv)
-    if not DATA.is_dir():
-        print(f"shared data not found: {DATA}", file=sys.stderr)
-        return 2
+    args = case_parser(__doc__.split("\n")[0]).parse_args(argv)
     t0 = time.perf_counter()
-    cache = EmbeddingCache(budget_mb=2048, disk_dir=args.cache_dir)
-    segmenter, reference, names = load_case(args.axis, args.window, cache)
+    case = open_case(args)
+    if case is None:
+        return 2
+    segmenter, reference, names = case
     rows = record(segmenter, reference, names)
     print(
         f"{len(rows)} slices of {len({r['name'] for r in rows})} structures, {args.axis}, "

@@ -24,7 +24,6 @@ From the repository root (about 8 minutes per variant on one core once the slice
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 import time
@@ -36,10 +35,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_stop_rules import DATA, load_case  # noqa: E402
+from bench_stop_rules import case_parser, open_case  # noqa: E402
 
 import SlicerSAM.box_search as box_search  # noqa: E402
-from SlicerSAM.cache import EmbeddingCache  # noqa: E402
 from SlicerSAM.prompts import SlicePrompts  # noqa: E402
 from SlicerSAM.protocols import _grid_to_image_mask, error_click, select_structures  # noqa: E402
 
@@ -128,20 +126,16 @@ def replay(segmenter, reference, names) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = case_parser(__doc__.split("\n")[0])
     parser.add_argument("--variant", default="default", choices=VARIANTS)
     parser.add_argument("--tolerance", type=float, default=box_search.CLICK_TOLERANCE_PX)
-    parser.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"))
-    parser.add_argument("--window", default="40,400")
-    parser.add_argument("--cache-dir", help="keep slice embeddings in this folder")
     args = parser.parse_args(argv)
-    if not DATA.is_dir():
-        print(f"shared data not found: {DATA}", file=sys.stderr)
-        return 2
     t0 = time.perf_counter()
     box_search.clicks_honoured = counting(args.variant, args.tolerance)
-    cache = EmbeddingCache(budget_mb=2048, disk_dir=args.cache_dir)
-    segmenter, reference, names = load_case(args.axis, args.window, cache)
+    case = open_case(args)
+    if case is None:
+        return 2
+    segmenter, reference, names = case
     segmenter.point_prompts = "box"
     dices = replay(segmenter, reference, names)
     means = " ".join(f"{np.mean([d[n] for d in dices.values()]):.4f}" for n in range(CLICKS))

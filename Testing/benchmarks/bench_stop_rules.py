@@ -278,19 +278,34 @@ def load_case(axis: str, window: str, cache=None):
     return segmenter, reference, names
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def case_parser(description: str) -> argparse.ArgumentParser:
+    """The options of the benchmarks on ``DATA``: --axis, --window, --cache-dir."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"))
     parser.add_argument("--window", default="40,400")
-    parser.add_argument("--strategy", default="", help='e.g. "key_roi=0.15,grow_fraction=0.1"')
     parser.add_argument("--cache-dir", help="keep slice embeddings in this folder")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def open_case(args):
+    """:func:`load_case` for the options of :func:`case_parser`, with a 2 GB embedding cache
+    (on disk under --cache-dir); None, with a message, when the shared data is missing."""
     if not DATA.is_dir():
         print(f"shared data not found: {DATA}", file=sys.stderr)
-        return 2
-    t0 = time.perf_counter()
+        return None
     cache = EmbeddingCache(budget_mb=2048, disk_dir=args.cache_dir)
-    segmenter, reference, names = load_case(args.axis, args.window, cache)
+    return load_case(args.axis, args.window, cache)
+
+
+def main(argv=None) -> int:
+    parser = case_parser(__doc__.split("\n")[0])
+    parser.add_argument("--strategy", default="", help='e.g. "key_roi=0.15,grow_fraction=0.1"')
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    case = open_case(args)
+    if case is None:
+        return 2
+    segmenter, reference, names = case
     timings = {"segment": [], "mask_features": []}
     signals = {}
     walks = record_walks(segmenter, reference, names, _strategy(args.strategy), timings, signals)
