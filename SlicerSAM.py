@@ -669,12 +669,12 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._followPromptView(prompts)
         self._ensureReady(interactive=not live)
-        index = self.logic.slicePrompts(prompts).index
-        if not self.logic.isEncoded(index):
-            # first visit of this slice: encode on a worker thread, come back when it is done
+        waiting = [i for i in self.logic.promptedSlices(prompts) if not self.logic.isEncoded(i)]
+        if waiting:
+            # first visit of a slice: encode on a worker thread, come back when it is done
             if self._encodeFuture is None:
-                self._showStatus(f"SlicerSAM: encoding slice {index}...")
-                self._encodeFuture = self.logic.encodeAsync(index)
+                self._showStatus(f"SlicerSAM: encoding slice {waiting[0]}...")
+                self._encodeFuture = self.logic.encodeAsync(waiting[0])
                 self._encodeTimer.start()
             return
         multimask = True if self.multimaskCheck.checked else None
@@ -883,6 +883,7 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         self._model = None
         self._modelKey = None
         self._executor = None
+        self._session = None
         self.reset()
 
     def getParameterNode(self):
@@ -1097,7 +1098,7 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
     def deviceText(self):
         from SlicerSAM.slicer_bridge import device_text
 
-        return device_text(self._segmenter.device) if self._segmenter else "not loaded"
+        return device_text(self._session.segmenter.device) if self._session else "not loaded"
 
     # ---------------------------------------------------------------- volume, orientation
     def setVolume(self, volumeNode, intensity=None):
@@ -1105,7 +1106,6 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         from SlicerSAM import editing
 
         self._closeSegmenter()
-        self.clearKeys()
         self._removePreviewNode()  # its geometry is the old volume's
         self.volumeNode = None
         self.volume = None
@@ -1148,14 +1148,16 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
     def setIntensity(self, intensity):
         """Change the intensity mapping (None: the display window/level now).
 
-        Only a real change rebuilds the segmenter (embeddings depend on the mapping); key slices
-        and the pending result stay: they are masks, valid whatever the mapping was.
+        Only a real change gives the session a new segmenter (embeddings depend on the mapping);
+        key slices and the pending result stay: they are masks, valid whatever the mapping was.
         """
         if intensity is None and self.volumeNode is not None:
             intensity = self.intensityFromDisplay(self.volumeNode)
         if intensity != self.intensity:
             self.intensity = intensity
-            self._closeSegmenter()
+            if self._session is not None:
+                self._session.set_intensity(intensity)
+                self._encoded = set()
 
     @staticmethod
     def viewOfPrompts(prompts, preferred=None):
@@ -1185,42 +1187,58 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         orientation = check_orientation(orientation)
         if orientation != self.orientation:
             self.orientation = orientation
-            self._closeSegmenter()
-            self.clearKeys()
+            if self._session is not None:
+                self._session.set_orientation(orientation)  # keys are per plane: cleared
+                self._encoded = set()
+            self.lastResult = None
             self.clearPreview()
 
-    # ---------------------------------------------------------------- segmenter
+    # ---------------------------------------------------------------- session
     def _requireVolume(self):
         if self.volume is None:
             raise ValueError("Select an input volume first.")
 
     def segmenterReady(self):
-        return self._segmenter is not None
+        return self._session is not None
 
-    def _getSegmenter(self):
-        if self._segmenter is None:
+    def _getSession(self):
+        """The engine's InteractiveSession of the current volume (the model loads first)."""
+        if self._session is None:
             self._requireVolume()
             if not self._modelLoaded():
-                return self.loadModel()
-            from SlicerSAM.segmenter import Segmenter
+                self.loadModel()
+            from SlicerSAM.session import InteractiveSession
 
-            self._segmenter = Segmenter(
-                self.volume, self._model, orientation=self.orientation, intensity=self.intensity
+            self._session = InteractiveSession(
+                self.volume,
+                self._model,
+                orientation=self.orientation,
+                intensity=self.intensity,
+                undo_stack=self.undoStack,
             )
             self._encoded = set()
-        return self._segmenter
+        return self._session
+
+    def _getSegmenter(self):
+        return self._getSession().segmenter
 
     def _closeSegmenter(self):
-        segmenter = getattr(self, "_segmenter", None)
-        if segmenter is not None and hasattr(segmenter, "close"):
-            segmenter.close()
-        self._segmenter = None
+        session = getattr(self, "_session", None)
+        if session is not None:
+            session.close()
+        self._session = None
         self._encoded = set()
+        self.lastResult = None
+
+    @property
+    def session(self):
+        """The engine's InteractiveSession (None until the model is loaded for a volume)."""
+        return self._session
 
     def plane(self):
         """The engine's SlicePlane of the current volume and orientation."""
-        if self._segmenter is not None:
-            return self._segmenter.plane
+        if self._session is not None:
+            return self._session.plane
         self._requireVolume()
         from SlicerSAM.slicing import plane_for
 
@@ -1242,7 +1260,7 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="SlicerSAM")
         future = self._executor.submit(segmenter.embedding, index)
-        encoded = self._encoded  # this segmenter's set (a new segmenter gets a new one)
+        encoded = self._encoded  # this session's set (a new session gets a new one)
         future.add_done_callback(lambda f: f.exception() is None and encoded.add(index))
         return future
 
@@ -1284,12 +1302,15 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
             self._definedPoints(positiveNode), self._definedPoints(negativeNode), bounds
         )
 
-    def slicePrompts(self, prompts, index=None):
-        """Model-image prompts of one slice (the slice is inferred from the prompts)."""
-        from SlicerSAM.prompts import prompts_on_slice
+    def promptedSlices(self, prompts):
+        """The slices ``prompts`` would make key slices of (validated; no model work)."""
+        from SlicerSAM.session import InteractiveSession
 
         self._requireVolume()
-        return prompts_on_slice(prompts, self.volume, self.plane(), index)
+        session = self._session or InteractiveSession(
+            self.volume, None, orientation=self.orientation, intensity=self.intensity
+        )
+        return sorted(session.plan(prompts)[1])
 
     def segmentSlice(
         self,
@@ -1297,70 +1318,59 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         positiveNode=None,
         negativeNode=None,
         roiNode=None,
-        index=None,
         multimask=None,
     ):
-        """Segment one slice from ``prompts`` (engine ``Prompts``) or from markups nodes.
+        """Give the engine's session the prompts (engine ``Prompts``, or the markups nodes):
+        every slice whose prompts changed is segmented; a 3D ROI bounds masks and propagation.
 
-        The result becomes the key slice for propagation, the pending result for ``accept`` and
-        the preview. Returns the engine's ``SliceResult``.
+        The session's result (key slices over the last propagation) is previewed and pending.
+        Returns the SliceResult of the last slice segmented now (None when nothing changed).
         """
         if prompts is None:
             prompts = self.promptsFromNodes(positiveNode, negativeNode, roiNode)
-        segmenter = self._getSegmenter()
-        slicePrompts = self.slicePrompts(prompts, index)
-        result = segmenter.segment(slicePrompts.index, slicePrompts, multimask=multimask)
-        self._encoded.add(result.index)
-        self.lastPrompts = prompts
-        self.lastResult = result
-        self.candidate = int(result.best)
-        self.keyMasks[result.index] = result
-        self.pending = {result.index: result.mask}
-        self.showPreview(self.pending)
-        return result
+        session = self._getSession()
+        results = session.set_prompts(prompts, multimask=multimask)
+        for index in results:
+            self._encoded.add(index)
+        if results:
+            self.lastResult = results[max(results)]
+        self.showPreview(session.result())
+        return self.lastResult
+
+    @property
+    def candidate(self):
+        """Which candidate of the last slice result is chosen."""
+        result = self.lastResult
+        key = None if result is None or self._session is None else self.keyMasks.get(result.index)
+        return 0 if key is None else key.candidate
 
     def nextCandidate(self):
         """Show the next multimask candidate of the last slice result; returns its index."""
         result = self.lastResult
-        if result is None:
+        if result is None or self._session is None:
             raise ValueError("Segment a slice first.")
-        self.candidate = (self.candidate + 1) % len(result.masks)
-        mask = result.masks[self.candidate]
-        self.keyMasks[result.index] = result if self.candidate == result.best else mask
-        self.pending = {result.index: mask}
-        self.showPreview(self.pending)
+        self._session.select_candidate(result.index, self.candidate + 1)
+        self.showPreview(self._session.result())
         return self.candidate
 
+    @property
+    def keyMasks(self):
+        """The session's key slices ({slice index: KeySlice})."""
+        return {} if self._session is None else self._session.keys
+
+    @property
+    def pending(self):
+        """The result waiting for accept ({slice index: bool grid}), or None."""
+        masks = None if self._session is None else self._session.result()
+        return masks or None
+
     def clearKeys(self):
-        self.keyMasks = {}
-        self.lastPropagation = None  # ({slice: mask}, slice range) of the last propagate()
+        """Forget the key slices and the result (a new structure)."""
+        if self._session is not None:
+            self._session.clear()
         self.lastResult = None
-        self.lastPrompts = None
-        self.candidate = 0
-        self.pending = None
 
     # ---------------------------------------------------------------- propagation
-    def _propagationRange(self, direction, roiNode=None):
-        from SlicerSAM.prompts import box_slice_range
-        from SlicerSAM.slicer_bridge import DIRECTIONS
-
-        if direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-        plane = self.plane()
-        keys = sorted(self.keyMasks)
-        if direction == "up":
-            return (keys[0], plane.num_slices - 1)
-        if direction == "down":
-            return (0, keys[-1])
-        if direction == "roi":
-            prompts = self.lastPrompts
-            if roiNode is not None:
-                prompts = self.promptsFromNodes(roiNode=roiNode)
-            if prompts is None or prompts.box is None:
-                raise ValueError("Direction 'roi' needs a box (ROI) prompt.")
-            return box_slice_range(prompts.box, self.volume, plane)
-        return None  # both ways, as far as the stop rules allow
-
     def propagate(self, direction="both", roiNode=None, progress=None, cancel=None):
         """Propagate the key slice(s) through the volume; the result is previewed and pending.
 
@@ -1372,49 +1382,37 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
 
     def propagationWork(self, direction="both", roiNode=None):
         """Read the nodes now (GUI thread); return ``work(progress, cancel)``, which runs only
-        the engine (any thread) and returns what :meth:`applyPropagation` takes."""
-        if not self.keyMasks:
+        the engine (any thread) and returns what :meth:`applyPropagation` takes.
+
+        ``direction``: "both", "up", "down", or "roi" (both ways; an ROI must be set). An
+        ``roiNode`` given here becomes the session's ROI (slice range and in-plane bounds).
+        """
+        from SlicerSAM.slicer_bridge import DIRECTIONS, box_from_ras_bounds
+
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        session = self._getSession()
+        if not session.keys:
             raise ValueError("Segment a key slice first.")
-        segmenter = self._getSegmenter()
-        sliceRange = self._propagationRange(direction, roiNode)
-        keys = dict(self.keyMasks)
-        existing = None
-        if self.lastPropagation is not None and self.lastPropagation[1] == sliceRange:
-            existing = self.lastPropagation[0]  # after a correction: redo only its neighbourhood
-        self.log(f"SlicerSAM: propagating from slice(s) {sorted(keys)} ({direction})")
+        if roiNode is not None and roiNode.GetNumberOfDefinedControlPoints() > 0:
+            bounds = [0.0] * 6
+            roiNode.GetRASBounds(bounds)
+            session.set_roi(box_from_ras_bounds(bounds))
+        if direction == "roi":
+            if session.roi is None:
+                raise ValueError("Direction 'roi' needs a box (ROI) prompt.")
+            direction = "both"
+        self.log(f"SlicerSAM: propagating from slice(s) {sorted(session.keys)} ({direction})")
 
         def work(progress=None, cancel=None):
-            result = self._runPropagation(segmenter, keys, sliceRange, progress, cancel, existing)
-            return result, sliceRange
+            return session.propagate(direction, progress=progress, cancel=cancel)
 
         return work
 
-    def applyPropagation(self, outcome):
-        """Make a finished propagation pending and previewed (GUI thread); returns its result."""
-        result, sliceRange = outcome
-        self.lastPropagation = (dict(result.masks), sliceRange)
-        self.pending = dict(result.masks)
-        self.showPreview(self.pending)
+    def applyPropagation(self, result):
+        """Preview a finished propagation (GUI thread); returns its result."""
+        self.showPreview(self._session.result())
         return result
-
-    def _runPropagation(self, segmenter, keys, sliceRange, progress, cancel, existing=None):
-        """The one call of the engine's ``propagate`` (adapt here if its signature changes).
-
-        ``keys`` maps slice index -> SliceResult or bool grid; ``sliceRange`` (first, last) or
-        None; ``existing`` the masks of the previous propagation over the same range: only the
-        gaps next to new or changed keys are recomputed. Returns the engine's result (``.masks``:
-        {slice index: bool grid}).
-        """
-        from SlicerSAM.propagation import propagate
-
-        return propagate(
-            segmenter,
-            keys,
-            slice_range=sliceRange,
-            progress=progress or (lambda done, total, message="": None),
-            cancel=cancel or (lambda: False),
-            existing=existing,
-        )
 
     # ---------------------------------------------------------------- segments: accept, undo
     @staticmethod
@@ -1510,33 +1508,26 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
                 )
 
     def accept(self, segmentationNode, segmentId, masks=None, mode="replace"):
-        """Write the pending result (or ``masks``) into a segment, touching only changed voxels.
+        """Write the session's result (or ``masks``) into a segment, touching only changed voxels.
 
         ``masks``: {slice index: bool grid} along the current orientation, or a bool (K, J, I)
         array on the volume grid. Returns the changed ``editing.Region`` (None: no change);
-        the previous content of that region goes on the undo stack.
+        the previous content of that region goes on the undo stack. The session starts afresh.
         """
-        from SlicerSAM import editing
-
-        masks = self.pending if masks is None else masks
-        if masks is None:
+        if masks is None and self.pending is None:
             raise ValueError("Nothing to accept: segment a slice or propagate first.")
         if segmentationNode is None or not segmentId:
             raise ValueError("Choose a target segmentation and segment.")
         self._prepareSegmentation(segmentationNode)
-        if isinstance(masks, np.ndarray):
-            scope, block = None, masks
-        else:
-            scope, block = editing.masks_to_block(self.plane(), masks, self.volume.shape)
         labels = self._segmentArray(segmentationNode, segmentId)
-        edit = editing.plan_edit(
-            labels, block, scope=scope, mode=mode, key=self._editKey(segmentationNode, segmentId)
+        edit = self._getSession().accept(
+            labels, mode=mode, key=self._editKey(segmentationNode, segmentId), masks=masks
         )
+        self.lastResult = None
+        self.clearPreview()
         if edit is None:
             return None
         self._writeRegion(segmentationNode, segmentId, edit.region, edit.after)
-        self.undoStack.push([edit])
-        self.discardPending()
         self.log(f"SlicerSAM: {edit.changed_voxels} voxels changed in {segmentId}")
         return edit.region
 
@@ -1612,9 +1603,9 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         self._previewRegion = None
 
     def discardPending(self):
-        """Drop the result waiting for accept and its preview (key slices are kept)."""
+        """Drop the result waiting for accept and its preview (a new structure)."""
         self.clearPreview()
-        self.pending = None
+        self.clearKeys()
 
     def _removePreviewNode(self):
         self.clearPreview()

@@ -36,8 +36,10 @@ from SlicerSAM.errors import Cancelled, SlicerSAMError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "is_leak",
     "peak_rss_mb",
     "run_benchmark",
+    "slices_beyond",
     "run_dataset",
     "write_benchmark_outputs",
     "list_cases",
@@ -100,8 +102,8 @@ def run_benchmark(
     Args:
         image: the :class:`~SlicerSAM.volume.Volume` to segment.
         reference: the reference label :class:`~SlicerSAM.volume.Volume` on the same grid.
-        protocol: "box-per-slice", "box3d-propagate", "keyslice-box", "keyslice-point" or
-            "clicks-N" (docs/protocols.md).
+        protocol: a name of :data:`SlicerSAM.protocols.PROTOCOLS` or an alias
+            (docs/protocols.md).
         label_names: {label value: name}; None names every present label ``label_<value>``.
         model: a model name (``sam_core.zoo``) or a loaded ``Sam``.
         device: "auto" | "cpu" | "cuda" | "cuda:N" | "mps".
@@ -125,7 +127,9 @@ def run_benchmark(
         {"model", "device", "protocol", "axis", "window", "point_prompts", "jitter", "seed",
         "min_voxels",
         "structures": {name: {"label", "dice", "iou", "hd95_mm", "nsd", "voxels_reference",
-        "voxels_predicted", "slices_reference", "slices_predicted"}}, "mean_dice", "mean_iou",
+        "voxels_predicted", "slices_reference", "slices_predicted", "slices_beyond", "leak",
+        "dice_before" (click-correct: before the correction)}}, "mean_dice", "mean_iou",
+        "leaks" (structures that leak: :func:`is_leak`), "mean_dice_before" (click-correct),
         "timing": {"slices_encoded", "encode_ms_per_slice", "decode_ms_per_prompt", "wall_s",
         "peak_rss_mb"}, "prediction": (K, J, I) uint16 label map}. Means are over structures
         (NaN-free; None when no structure qualifies).
@@ -179,7 +183,7 @@ def run_benchmark(
             raise Cancelled("benchmark cancelled")
         ref_mask = ref == label
         rng = np.random.default_rng([int(seed), int(label)]) if jitter else None
-        grids = P.run_protocol(
+        work = P.run_workflow(
             segmenter,
             ref_mask,
             proto,
@@ -189,10 +193,11 @@ def run_benchmark(
             stop=stop,
             cancel=cancel,
         )
-        pred = plane.stack(grids, dtype=bool) if grids else np.zeros(ref.shape, dtype=bool)
+        pred = plane.stack(work.masks, dtype=bool)
         masks[label] = pred
         axis = plane.axis
         other = tuple(a for a in range(3) if a != axis)
+        beyond = slices_beyond(pred, ref_mask, axis)
         rows[name] = {
             "label": int(label),
             "dice": dice(pred, ref_mask),
@@ -203,7 +208,11 @@ def run_benchmark(
             "voxels_predicted": int(pred.sum()),
             "slices_reference": int(np.count_nonzero(ref_mask.any(axis=other))),
             "slices_predicted": int(np.count_nonzero(pred.any(axis=other))),
+            "slices_beyond": beyond,
+            "leak": is_leak(int(pred.sum()), int(voxels), beyond),
         }
+        if work.before is not None:
+            rows[name]["dice_before"] = dice(plane.stack(work.before, dtype=bool), ref_mask)
         logger.info("%s %s: Dice %.3f", proto.name, name, rows[name]["dice"])
         progress(n + 1, total, name)
 
@@ -215,6 +224,7 @@ def run_benchmark(
     timing["peak_rss_mb"] = peak_rss_mb()
     dices = [r["dice"] for r in rows.values()]
     ious = [r["iou"] for r in rows.values()]
+    before = [r["dice_before"] for r in rows.values() if "dice_before" in r]
     strategy_name = strategy if isinstance(strategy, str) or strategy is None else "custom"
     return {
         "model": getattr(segmenter, "model_name", str(model)),
@@ -230,9 +240,35 @@ def run_benchmark(
         "structures": rows,
         "mean_dice": float(np.mean(dices)) if dices else None,
         "mean_iou": float(np.mean(ious)) if ious else None,
+        "leaks": sum(1 for r in rows.values() if r["leak"]),
+        **({"mean_dice_before": float(np.mean(before))} if before else {}),
         "timing": timing,
         "prediction": prediction,
     }
+
+
+# A structure "leaks" when its prediction is more than twice its reference volume, or reaches
+# more than LEAK_SLICES slices beyond the reference's first or last slice (issue: a radiologist
+# abandons a tool that leaks on a kidney, whatever its mean Dice).
+LEAK_VOLUME_FACTOR = 2.0
+LEAK_SLICES = 2
+
+
+def slices_beyond(pred: np.ndarray, ref: np.ndarray, axis: int) -> int:
+    """How many slices (along array ``axis``) the prediction reaches past the reference's
+    extent, on the farther side; 0 when it stays within (or either is empty)."""
+    other = tuple(a for a in range(3) if a != axis)
+    p = np.flatnonzero(np.asarray(pred).any(axis=other))
+    r = np.flatnonzero(np.asarray(ref).any(axis=other))
+    if p.size == 0 or r.size == 0:
+        return 0
+    return int(max(r[0] - p[0], p[-1] - r[-1], 0))
+
+
+def is_leak(voxels_predicted: int, voxels_reference: int, beyond: int) -> bool:
+    """The leak rule: volume over LEAK_VOLUME_FACTOR x the reference, or more than LEAK_SLICES
+    slices beyond its extent."""
+    return voxels_predicted > LEAK_VOLUME_FACTOR * voxels_reference or beyond > LEAK_SLICES
 
 
 def _run_timing(segmenter, before) -> dict:

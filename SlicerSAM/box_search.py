@@ -48,10 +48,14 @@ __all__ = [
     "BoxCandidate",
     "candidate_boxes",
     "clicks_honoured",
+    "cut_boxes",
     "distinct",
+    "honours_all",
+    "rank_boxes",
     "stability_score",
     "search_box",
     "tight_box",
+    "within",
 ]
 
 # What clicks given without a box become (Segmenter's ``point_prompts``): "box" (this module),
@@ -215,6 +219,67 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 Decode = Callable[[np.ndarray], Tuple[np.ndarray, float, np.ndarray, object]]
 
 
+def rank_boxes(
+    decode: Decode,
+    boxes: Sequence[np.ndarray],
+    points_xy: np.ndarray,
+    point_labels: np.ndarray,
+    rerank: int = RERANK,
+    prefer: Optional[Callable[[np.ndarray], bool]] = None,
+) -> list:
+    """Decode each box and rank the masks by the clicks they honour, then by score.
+
+    Args:
+        decode: prompts the model with one box (see :data:`Decode`).
+        boxes: (B, 4) XYXY model-image pixels (duplicates are decoded once).
+        points_xy, point_labels: the clicks (N, 2) (x, y) and (N,) 1 positive / 0 negative.
+        rerank: how many of the best are prompted again with their own tight box.
+        prefer: ``prefer(mask) -> bool``; among masks honouring as many clicks, the preferred
+            ones come first (a correction prefers the masks that keep the mask it corrects).
+
+    Returns:
+        [:class:`BoxCandidate`], the ones honouring the most positive clicks first, among them
+        those honouring the most negative ones, then the preferred ones, each group by score;
+        the first ``rerank`` carry their consistency.
+    """
+    found = []
+    seen = []
+    for box in boxes:
+        box = np.asarray(box, dtype=np.float32).reshape(4)
+        if any(np.allclose(box, b) for b in seen):
+            continue
+        seen.append(box)
+        mask, iou, logits, payload = decode(box)
+        found.append(
+            BoxCandidate(
+                box_xyxy=box,
+                mask=np.asarray(mask, dtype=bool),
+                iou=float(iou),
+                stability=stability_score(logits),
+                honoured=clicks_honoured(mask, points_xy, point_labels),
+                payload=payload,
+            )
+        )
+
+    preferred = {id(c): bool(prefer(c.mask)) if prefer else False for c in found}
+
+    def order(c: BoxCandidate):
+        return (-c.honoured[0], -c.honoured[1], not preferred[id(c)], -c.score)
+
+    found.sort(key=order)
+    top = []
+    for c in found[: max(0, int(rerank))]:
+        box = tight_box(c.mask)
+        consistency = 0.0 if box is None else _dice(np.asarray(decode(box)[0], bool), c.mask)
+        again = BoxCandidate(
+            c.box_xyxy, c.mask, c.iou, c.stability, c.honoured, consistency, c.payload
+        )
+        preferred[id(again)] = preferred[id(c)]
+        top.append(again)
+    top.sort(key=order)
+    return top + found[len(top) :]
+
+
 def search_box(
     decode: Decode,
     points_xy: np.ndarray,
@@ -233,38 +298,85 @@ def search_box(
         rerank: how many of the best are prompted again with their own tight box.
 
     Returns:
-        [:class:`BoxCandidate`], the ones honouring the most positive clicks first, among them
-        those honouring the most negative ones, each group by score;
-        the first ``rerank`` carry their consistency.
+        :func:`rank_boxes` of :func:`candidate_boxes`.
     """
     boxes = candidate_boxes(points_xy, point_labels, image_shape, pixel_mm, half_sizes_mm)
-    found = []
-    for box in boxes:
-        mask, iou, logits, payload = decode(box)
-        found.append(
-            BoxCandidate(
-                box_xyxy=box,
-                mask=np.asarray(mask, dtype=bool),
-                iou=float(iou),
-                stability=stability_score(logits),
-                honoured=clicks_honoured(mask, points_xy, point_labels),
-                payload=payload,
-            )
-        )
+    return rank_boxes(decode, boxes, points_xy, point_labels, rerank)
 
-    def order(c: BoxCandidate):
-        return (-c.honoured[0], -c.honoured[1], -c.score)
 
-    found.sort(key=order)
-    top = []
-    for c in found[: max(0, int(rerank))]:
-        box = tight_box(c.mask)
-        consistency = 0.0 if box is None else _dice(np.asarray(decode(box)[0], bool), c.mask)
-        top.append(
-            BoxCandidate(c.box_xyxy, c.mask, c.iou, c.stability, c.honoured, consistency, c.payload)
-        )
-    top.sort(key=order)
-    return top + found[len(top) :]
+def honours_all(
+    mask: np.ndarray,
+    points_xy: np.ndarray,
+    point_labels: np.ndarray,
+    tolerance: float = CLICK_TOLERANCE_PX,
+) -> bool:
+    """Whether ``mask`` (H, W bool) honours every click (:func:`clicks_honoured` with
+    ``tolerance``; clicks of one label on one pixel count once)."""
+    xy = np.asarray(points_xy, dtype=np.float64).reshape(-1, 2)
+    labels = (np.asarray(point_labels).reshape(-1) == 1).astype(int)
+    cols = np.clip(np.rint(xy[:, 0]).astype(int), 0, mask.shape[1] - 1)
+    rows = np.clip(np.rint(xy[:, 1]).astype(int), 0, mask.shape[0] - 1)
+    unique = np.unique(np.stack([rows, cols, labels]), axis=1)
+    wanted = (int(np.count_nonzero(unique[2] == 1)), int(np.count_nonzero(unique[2] == 0)))
+    return clicks_honoured(mask, points_xy, point_labels, tolerance) == wanted
+
+
+def within(boxes: np.ndarray, bounds: Sequence[float], min_size: float = 1.0) -> np.ndarray:
+    """(B', 4) float32: ``boxes`` (B, 4) XYXY clipped to ``bounds`` (x0, y0, x1, y1); boxes left
+    narrower or lower than ``min_size`` pixels, and repeats, are dropped."""
+    b = np.asarray(bounds, dtype=np.float64).reshape(4)
+    lo = np.array([b[0], b[1], b[0], b[1]])
+    hi = np.array([b[2], b[3], b[2], b[3]])
+    out: list = []
+    for box in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+        clipped = np.clip(box, lo, hi)
+        if clipped[2] - clipped[0] < min_size or clipped[3] - clipped[1] < min_size:
+            continue
+        if not any(np.allclose(clipped, o) for o in out):
+            out.append(clipped)
+    return np.asarray(out, dtype=np.float32).reshape(-1, 4)
+
+
+def cut_boxes(
+    box: np.ndarray,
+    points_xy: np.ndarray,
+    mask: Optional[np.ndarray] = None,
+    min_size: float = 1.0,
+) -> np.ndarray:
+    """(B, 4) float32: ``box`` XYXY with one side moved so that a negative click falls outside
+    it: four boxes per click inside ``box`` (its left, top, right and bottom part). The boxes a
+    negative click leaves to choose from.
+
+    With ``mask`` (H, W bool: what the box gave), a click on one of several connected parts of
+    it cuts at that part's edge, so the whole part is left out; otherwise the cut runs along the
+    outer edge of the click's pixel.
+    """
+    box = np.asarray(box, dtype=np.float64).reshape(4)
+    parts = None
+    if mask is not None and np.asarray(mask).any():
+        from scipy import ndimage
+
+        parts, n = ndimage.label(np.asarray(mask, bool), structure=np.ones((3, 3), dtype=bool))
+        parts = parts if n > 1 else None
+    out: list = []
+    for x, y in np.asarray(points_xy, dtype=np.float64).reshape(-1, 2):
+        if not (box[0] <= x <= box[2] and box[1] <= y <= box[3]):
+            continue
+        col, row = float(np.rint(x)), float(np.rint(y))
+        left = right = col
+        top = bottom = row
+        if parts is not None:
+            r = int(np.clip(row, 0, parts.shape[0] - 1))
+            c = int(np.clip(col, 0, parts.shape[1] - 1))
+            if parts[r, c]:
+                rows, cols = np.nonzero(parts == parts[r, c])
+                left, right, top, bottom = cols.min(), cols.max(), rows.min(), rows.max()
+        for side, edge in ((2, left - 0.5), (3, top - 0.5), (0, right + 0.5), (1, bottom + 0.5)):
+            cut = box.copy()
+            cut[side] = edge
+            if cut[2] - cut[0] >= min_size and cut[3] - cut[1] >= min_size:
+                out.append(cut)
+    return np.asarray(out, dtype=np.float32).reshape(-1, 4)
 
 
 def distinct(candidates: Sequence[BoxCandidate], n: int, max_dice: float = 0.9) -> list:

@@ -17,13 +17,11 @@ from typing import Sequence
 
 from SlicerSAM.box_search import POINT_PROMPTS
 from SlicerSAM.errors import Cancelled, SlicerSAMError
+from SlicerSAM.protocols import PROTOCOLS_TEXT
 
 log = logging.getLogger("SlicerSAM")
 
 ORIENTATIONS = ("axial", "coronal", "sagittal")
-PROTOCOLS_HELP = (
-    "box-per-slice, box3d-propagate, keyslice-box, keyslice-point, clicks-N (e.g. clicks-3)"
-)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,22 +113,6 @@ def _load_image(args, path: str | None = None):
         series=getattr(args, "series", None),
         timepoint=getattr(args, "timepoint", None),
         component=getattr(args, "component", None),
-    )
-
-
-def _load_segmenter(args, volume):
-    from SlicerSAM.intensity import parse_intensity
-    from SlicerSAM.segmenter import Segmenter
-
-    intensity = parse_intensity(args.window)
-    model = _load_model(args)
-    return Segmenter(
-        volume,
-        model,
-        orientation=args.axis or "axial",
-        intensity=intensity,
-        cache=_embedding_cache(args),
-        point_prompts=args.point_prompts,
     )
 
 
@@ -241,26 +223,26 @@ def _read_prompts(path: str):
     return load_prompt_file(path)
 
 
-def _key_slice_prompts(args, volume):
-    """Validated key-slice prompts, before any model work: (SlicePrompts, slice range or None).
+def _session(args, volume, orientation: str):
+    """The InteractiveSession of a segment/propagate command (the model loads on first use)."""
+    from SlicerSAM.intensity import parse_intensity
+    from SlicerSAM.session import InteractiveSession
 
-    The orientation is --axis, else the prompt file's own, else axial.
-    """
-    from SlicerSAM.prompts import box_slice_range, prompts_on_slice
-    from SlicerSAM.slicing import plane_for
-
-    prompts = _read_prompts(args.prompts)
-    args.axis = args.axis or getattr(prompts, "orientation", None) or "axial"
-    plane = plane_for(volume, args.axis)
-    slice_range = None
-    if prompts.box is not None:
-        first, last = box_slice_range(prompts.box, volume, plane)
-        slice_range = None if first == last else (first, last)
-    index = args.slice if args.slice is not None else getattr(prompts, "index", None)
-    return prompts_on_slice(prompts, volume, plane, index=index), slice_range
+    return InteractiveSession(
+        volume,
+        lambda: _load_model(args),  # loaded when the first slice is segmented
+        orientation=orientation,
+        intensity=parse_intensity(args.window),
+        device=args.device,
+        cache=_embedding_cache(args),
+        checkpoint=args.checkpoint,
+        point_prompts=args.point_prompts,
+    )
 
 
 def cmd_segment(args, propagate_default: bool = False) -> int:
+    """`segment` and `propagate`: the prompts (and key slices of --mask) go to one
+    InteractiveSession, as the Slicer module's do; its result is written."""
     import numpy as np
 
     from SlicerSAM.reports import write_json
@@ -268,46 +250,50 @@ def cmd_segment(args, propagate_default: bool = False) -> int:
     _check_outputs([args.output, args.json], args.overwrite)
     t0 = time.perf_counter()
     volume = _load_image(args)
-    slice_prompts, slice_range = _key_slice_prompts(args, volume)
-    segmenter = _load_segmenter(args, volume)
-    index = slice_prompts.index
-    result = segmenter.segment(index, slice_prompts)
-    grids = {index: result.mask}
+    prompts = _read_prompts(args.prompts) if args.prompts else None
+    if prompts is not None and args.slice is not None:
+        from dataclasses import replace
+
+        prompts = replace(prompts, index=args.slice)
+    args.axis = args.axis or getattr(prompts, "orientation", None) or "axial"
+    session = _session(args, volume, args.axis)
+    keys = _mask_keys(args, volume, session) if getattr(args, "mask", None) else []
+    results = session.set_prompts(prompts) if prompts is not None else {}
     stop_reasons = {}
     if args.propagate or propagate_default:
-        from SlicerSAM.propagation import propagate
-
-        # The key goes in as prompts, not as the mask: with a box, propagation then calibrates
-        # its per-side box margins on the key slice (docs/propagation.md). A 3D ROI also bounds
-        # every box in-plane.
-        prop = propagate(
-            segmenter,
-            {index: slice_prompts},
-            slice_range=slice_range,
-            bounds_xyxy=slice_prompts.box_xyxy if slice_range is not None else None,
-            progress=_progress_bar("propagate"),
-        )
-        grids = prop.masks
+        prop = session.propagate(progress=_progress_bar("propagate"))
         stop_reasons = prop.stop_reasons
         print(f"propagation: {prop.summary()}")
-    mask = segmenter.plane.stack(grids, dtype=np.uint8)
+    grids = session.result()
+    mask = session.plane.stack(grids, dtype=np.uint8)
     segments = [(1, args.name, (0.85, 0.35, 0.25))]
     _write_mask_output(args.output, mask, volume, segments, args.overwrite)
     wall = time.perf_counter() - t0
+    segmenter = session.segmenter
     info = {
         "image": str(args.image),
-        "prompts": str(args.prompts),
+        "prompts": None if args.prompts is None else str(args.prompts),
+        "mask": getattr(args, "mask", None),
         "model": segmenter.model_name,
         "device": str(segmenter.device),
         "axis": args.axis,
         "window": args.window,
-        "key_slice": index,
         "point_prompts": segmenter.point_prompts,
-        # the box the key slice's mask came from when the clicks were turned into one
-        "searched_box_xyxy": None
-        if result.boxes_xyxy is None
-        else [round(float(v), 2) for v in result.boxes_xyxy[result.best]],
-        "predicted_iou": float(result.iou[result.best]),
+        "key_slices": sorted(int(k) for k in session.keys),
+        "mask_key_slices": keys,
+        # per prompted slice: the model's confidence, and the box its mask came from (the
+        # searched one when clicks were turned into a box)
+        "prompted": {
+            str(index): {
+                "predicted_iou": float(result.iou[result.best]),
+                "box_xyxy": None
+                if result.boxes_xyxy is None
+                else [round(float(v), 2) for v in result.boxes_xyxy[result.best]],
+                "searched_box": bool(result.searched),
+            }
+            for index, result in sorted(results.items())
+        },
+        "roi_slice_range": None if session.roi is None else list(session.roi.slice_range),
         "slices_segmented": sorted(int(k) for k, v in grids.items() if v.any()),
         "stop_reasons": stop_reasons,
         "voxels": int(mask.sum()),
@@ -324,29 +310,24 @@ def cmd_segment(args, propagate_default: bool = False) -> int:
 
 
 def cmd_propagate(args) -> int:
-    if args.prompts:
-        return cmd_segment(args, propagate_default=True)
-    return _propagate_from_mask(args)
+    if not args.prompts and not args.mask:
+        raise SlicerSAMError("propagate needs --prompts FILE, --mask LABELMAP, or both")
+    return cmd_segment(args, propagate_default=True)
 
 
-def _propagate_from_mask(args) -> int:
-    """Propagate from key slices of an existing label map (an accepted or corrected segment)."""
+def _mask_keys(args, volume, session) -> list:
+    """Key slices from --mask (an accepted or corrected segment), added to the session as they
+    are; returns their indices."""
     import numpy as np
 
-    from SlicerSAM.propagation import propagate
-    from SlicerSAM.reports import write_json
     from SlicerSAM.volume import load_volume
 
-    _check_outputs([args.output, args.json], args.overwrite)
-    t0 = time.perf_counter()
-    volume = _load_image(args)
     seed = load_volume(args.mask)
     if seed.shape != volume.shape:
         raise SlicerSAMError(
             f"{args.mask}: grid {seed.shape} differs from the image's {volume.shape} (K, J, I)"
         )
-    segmenter = _load_segmenter(args, volume)
-    plane = segmenter.plane
+    plane = session.plane
     seed_mask = np.asarray(seed.array) == args.label if args.label else np.asarray(seed.array) > 0
     present = [i for i in range(plane.num_slices) if plane.grid(seed_mask, i).any()]
     if args.slices:
@@ -358,29 +339,9 @@ def _propagate_from_mask(args) -> int:
         keys = present
     if not keys:
         raise SlicerSAMError(f"{args.mask} holds no voxels to propagate from")
-    prop = propagate(
-        segmenter,
-        {k: np.array(plane.grid(seed_mask, k)) for k in keys},
-        progress=_progress_bar("propagate"),
-    )
-    print(f"propagation: {prop.summary()}")
-    mask = plane.stack(prop.masks, dtype=np.uint8)
-    _write_mask_output(
-        args.output, mask, volume, [(1, args.name, (0.85, 0.35, 0.25))], args.overwrite
-    )
-    wall = time.perf_counter() - t0
-    if args.json:
-        info = {
-            "image": str(args.image),
-            "mask": str(args.mask),
-            "key_slices": keys,
-            "stop_reasons": prop.stop_reasons,
-            "voxels": int(mask.sum()),
-            "timing": _timing_block(segmenter, wall),
-        }
-        write_json(args.json, info, overwrite=args.overwrite)
-    print(f"{int(mask.sum())} voxels from key slices {keys} -> {args.output} ({wall:.1f} s)")
-    return 0
+    for k in keys:
+        session.add_mask(k, np.array(plane.grid(seed_mask, k)))
+    return keys
 
 
 def cmd_evaluate(args) -> int:
@@ -487,9 +448,12 @@ def cmd_benchmark(args) -> int:
     )
     _print_table(result["structures"])
     t = result["timing"]
+    before = result.get("mean_dice_before")
     print(
-        f"\n{result['protocol']}: mean Dice {result['mean_dice']:.3f}, mean IoU "
-        f"{result['mean_iou']:.3f} over {len(result['structures'])} structures | "
+        f"\n{result['protocol']}: mean Dice {result['mean_dice']:.3f}"
+        + ("" if before is None else f" ({before:.3f} before the correction)")
+        + f", mean IoU {result['mean_iou']:.3f} over {len(result['structures'])} structures, "
+        f"{result['leaks']} leak(s) | "
         f"{result['model']} on {result['device']} | {t['slices_encoded']} slices encoded, "
         f"{_ms(t['encode_ms_per_slice'], 0)} ms/slice encode, "
         f"{_ms(t['decode_ms_per_prompt'], 1)} ms/prompt decode, {t['wall_s']:.1f} s"
@@ -534,7 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--propagate", action="store_true", help="propagate from the key slice")
         else:
             p.set_defaults(propagate=True)
-            p.add_argument("--mask", help="label map on the image grid whose slices are key slices")
+            p.add_argument(
+                "--mask",
+                help="label map on the image grid whose slices are key slices (with --prompts: "
+                "both are key slices)",
+            )
             p.add_argument("--label", type=int, default=0, help="label value in --mask (0 = any)")
             p.add_argument("--slices", help="comma-separated key slice indices in --mask")
         p.add_argument("--slice", type=int, help="slice index when the prompts do not fix it")
@@ -563,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="run a prompt protocol against reference labels")
     p.add_argument("image", nargs="?")
     p.add_argument("reference", nargs="?")
-    p.add_argument("--protocol", required=True, help=PROTOCOLS_HELP)
+    p.add_argument("--protocol", required=True, help=PROTOCOLS_TEXT)
     p.add_argument("--dataset", help="nnU-Net/MSD folder (imagesTr/, labelsTr/): every case")
     p.add_argument("--workers", type=int, default=1, help="processes for --dataset")
     p.add_argument("--labels", help="JSON {label value: name} (or the dataset's dataset.json)")
@@ -590,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names", help="JSON {label value: name} for --labels")
     p.add_argument("--output", default="slicersam-demo", help="output folder (a run sub-folder)")
     p.add_argument(
-        "--protocol", default="keyslice-box", help="prompt protocol (" + PROTOCOLS_HELP + ")"
+        "--protocol", default="keyslice-box", help="prompt protocol (" + PROTOCOLS_TEXT + ")"
     )
     p.add_argument("--min-voxels", type=int, default=200)
     _add_model_args(p)

@@ -192,7 +192,9 @@ class SlicePrompts:
 
     points_xy (N, 2) float32 ``(x, y)``; point_labels (N,) int32 1 fg / 0 bg; box_xyxy (4,) float32;
     mask_logits (1, 256, 256) float32 low-res logits of an earlier result; mask (rows, cols) bool on
-    the slice grid (an existing segment; the segmenter turns it into low-res logits).
+    the slice grid (an existing segment: a mask prompt for models trained with one, the result
+    that clicks correct for box-trained models); bounds_xyxy (4,) float32: in-plane limits (a 3D
+    ROI's rectangle) that the boxes a box-trained model is given stay inside.
     """
 
     index: int
@@ -201,6 +203,7 @@ class SlicePrompts:
     box_xyxy: Optional[np.ndarray] = None
     mask_logits: Optional[np.ndarray] = None
     mask: Optional[np.ndarray] = None
+    bounds_xyxy: Optional[np.ndarray] = None
 
     def __post_init__(self):
         object.__setattr__(self, "index", _as_int(self.index, "slice index"))
@@ -227,6 +230,11 @@ class SlicePrompts:
             if mask.ndim != 2:
                 raise PromptError(f"a slice mask must be 2D (rows, cols), got shape {mask.shape}")
             object.__setattr__(self, "mask", mask)
+        if self.bounds_xyxy is not None:
+            bounds = np.asarray(self.bounds_xyxy, dtype=np.float32).reshape(-1)
+            if bounds.shape != (4,):
+                raise PromptError(f"bounds_xyxy must be 4 numbers (x0, y0, x1, y1), got {bounds}")
+            object.__setattr__(self, "bounds_xyxy", bounds)
 
     @property
     def num_points(self) -> int:
@@ -328,6 +336,52 @@ def box_slice_range(
     kji = _box_kji_corners(box, volume, frame)
     slice_coords, _ = plane.voxel_to_xy(kji)
     return _slice_range(np.asarray(slice_coords, dtype=np.float64), plane.num_slices)
+
+
+def roi_on_plane(
+    box: Box, volume: Volume, plane: SlicePlane, frame: Optional[str] = None
+) -> Tuple[Tuple[int, int], np.ndarray]:
+    """A 3D box as a region of interest of ``plane``'s slices: ((first, last) slices it covers,
+    inclusive; (4,) float32 XYXY in-plane rectangle in model-image pixels, clipped to the image).
+
+    The rectangle is the one :func:`prompts_on_slice` gives as the box of every slice in range.
+    """
+    kji = _box_kji_corners(box, volume, frame)
+    slice_coords, xy = plane.voxel_to_xy(kji)
+    first_last = _slice_range(np.asarray(slice_coords, dtype=np.float64), plane.num_slices)
+    return first_last, _rectangle(np.asarray(xy, dtype=np.float64).reshape(-1, 2), plane)
+
+
+def _rectangle(xy: np.ndarray, plane: SlicePlane) -> np.ndarray:
+    """The XYXY rectangle (4,) float32 around points (N, 2), clipped to the model image."""
+    h, w = plane.image_shape
+    x0, y0 = xy.min(axis=0)
+    x1, y1 = xy.max(axis=0)
+    return np.array(
+        [
+            np.clip(x0, 0, w - 1),
+            np.clip(y0, 0, h - 1),
+            np.clip(x1, 0, w - 1),
+            np.clip(y1, 0, h - 1),
+        ],
+        dtype=np.float32,
+    )
+
+
+def points_by_slice(prompts: Prompts, volume: Volume, plane: SlicePlane) -> dict:
+    """{slice index: the points of ``prompts`` on that slice} along ``plane`` (each point on the
+    slice whose centre is within half a voxel; index order). Points outside the volume raise
+    :class:`PromptError` naming them."""
+    if not prompts.points:
+        return {}
+    kji = _to_kji([p.position for p in prompts.points], prompts.frame, volume)
+    _check_points_inside(prompts.points, kji, prompts.frame, volume)
+    slices, _ = plane.voxel_to_xy(kji)
+    groups: dict = {}
+    for point, coord in zip(prompts.points, np.asarray(slices, dtype=np.float64).reshape(-1)):
+        index = min(max(_slice_of(coord), 0), plane.num_slices - 1)
+        groups.setdefault(index, []).append(point)
+    return {k: tuple(groups[k]) for k in sorted(groups)}
 
 
 def _check_index(index, num_slices: int, orientation: str) -> int:
@@ -435,18 +489,7 @@ def prompts_on_slice(
                 f"{plane.orientation} slice {index} is outside the box's slice range "
                 f"{box_range[0]}..{box_range[1]}"
             )
-        h, w = plane.image_shape
-        x0, y0 = box_xy.min(axis=0)
-        x1, y1 = box_xy.max(axis=0)
-        box_xyxy = np.array(
-            [
-                np.clip(x0, 0, w - 1),
-                np.clip(y0, 0, h - 1),
-                np.clip(x1, 0, w - 1),
-                np.clip(y1, 0, h - 1),
-            ],
-            dtype=np.float32,
-        )
+        box_xyxy = _rectangle(box_xy, plane)
 
     # --- the mask on that slice's grid
     mask2d = None

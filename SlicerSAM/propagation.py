@@ -57,10 +57,21 @@ slice of an odd gap belongs to the lower key). When one walk stops early (the st
 to nothing), the walk from the other end continues past the middle to fill what it can. Beyond the
 outermost key slices, the walks extend up and down. "up" means increasing slice index.
 
-Re-running after a correction: pass the previous result as ``existing`` and the corrected slice
-among ``keys``. A key whose mask differs from ``existing`` (or is new) is "changed"; only the gaps
-next to a changed key (and the outer extension beyond it, when it is the outermost key) are
-recomputed; every other slice keeps its ``existing`` mask and is not visited.
+Slices known not to hold the structure (``absent``: a correction emptied them) are never given
+a mask and no walk crosses them: a walk towards one stops on the slice before it.
+
+Re-running after a correction (:class:`SlicerSAM.session.InteractiveSession` does this): pass
+the previous result as ``existing`` and the previous run's key slices as ``previous_keys``. A key
+whose mask differs from ``existing`` (or is new), and an absent slice that held a mask, is
+"changed"; only the gaps next to a changed slice (and the outer extension beyond it, when it is
+the outermost) are recomputed; every other slice keeps its ``existing`` mask and is not
+visited. Two rules keep a correction local (docs/propagation.md, "Corrections"):
+
+- a new key on a slice the earlier propagation had reached corrects that slice and the gaps next
+  to it; the masks beyond it (away from the other keys) stand, unless the earlier walk had not
+  got past it;
+- a recomputed walk that gives a slice nearly its earlier mask (Dice >= ``REJOIN_DICE``) has
+  rejoined the earlier result: it stops, and the earlier masks stand from there on.
 
 Embeddings are computed lazily by the segmenter: only visited slices are encoded. Everything is
 deterministic (no randomness; ties broken by the smaller margin).
@@ -368,6 +379,8 @@ STOP_TEXT = {
     "overlap": "the mask jumped away from the slices before it",
     "growth": "the mask grew too fast (a leak)",
     "features": "the tissue under the mask changed (a look-alike neighbour?)",
+    "absent": "reached a slice marked as not holding the structure",
+    "rejoined": "rejoined the earlier result",
 }
 
 
@@ -452,8 +465,10 @@ def _disk(radius: float) -> np.ndarray:
 class _Context:
     """What all walks of one propagate() call share: segmenter, strategy, rules, callbacks."""
 
-    def __init__(self, segmenter, strategy, rules, bounds, progress, cancel, total):
+    def __init__(self, segmenter, strategy, rules, bounds, progress, cancel, total, existing=None):
         self.segmenter = segmenter
+        # an earlier propagation's masks: a walk that reproduces one of them has rejoined it
+        self.existing: Dict[int, np.ndarray] = dict(existing or {})
         self.plane = segmenter.plane
         self.strategy = strategy
         self.rules = rules
@@ -631,6 +646,12 @@ class _Context:
         return np.full(4, float(np.clip(best, lo, hi)))
 
 
+# Re-running after a correction, a walk that gives a slice nearly the mask the earlier
+# propagation gave it (Dice at least this) has rejoined that propagation: the correction's effect
+# has faded, and the earlier masks beyond stand (the corrected slice changes its neighbours, not
+# the whole walk; docs/propagation.md, "Corrections").
+REJOIN_DICE = 0.9
+
 # signs that turn (left, top, right, bottom) outward margins into XYXY offsets
 _OUTWARD = np.array([-1.0, -1.0, 1.0, 1.0])
 _MIN_BOX = 1.0  # pixels: a negative margin never shrinks a box below this width / height
@@ -731,6 +752,7 @@ class _Walk:
         self.pending: List[Tuple[int, np.ndarray]] = []
         self.count = 0
         self.reason: Optional[str] = None
+        self.rejoined_at: Optional[int] = None
         self.bounds = (
             ctx.bounds if ctx.bounds is not None else key_roi(ctx.plane, key.image, ctx.strategy)
         )
@@ -795,6 +817,13 @@ class _Walk:
                 self.last_good = mask
             if similarity is not None:
                 self.similarities.append(similarity)
+            earlier = ctx.existing.get(index)
+            if earlier is not None and mask.any() and _dice(mask, earlier) >= REJOIN_DICE:
+                # re-running after a correction: from here on the walk would redo what the
+                # earlier propagation did, so the earlier masks stand
+                self.rejoined_at = index
+                self._stop("rejoined")
+                return
         if mask.any() or not s.fallback_to_key:
             self.prev_mask = mask
             self.prev_img = ctx.to_image(mask)
@@ -829,7 +858,7 @@ class _Walk:
         self.pending = []
 
     def _stop(self, reason: str) -> None:
-        if reason in ("end", "max_slices", "met"):
+        if reason in ("end", "max_slices", "met", "rejoined"):
             self._flush()  # fewer than `patience` failures: not a confirmed stop
         self.reason = reason
 
@@ -842,11 +871,18 @@ class _Walk:
         while not self.done and (index - self.pos) * self.step > 0:
             self.advance()
 
-    def masks(self) -> Dict[int, np.ndarray]:
+    def masks(self, until: Optional[int] = None) -> Dict[int, np.ndarray]:
+        """{slice: mask} of this walk; after it rejoined an earlier propagation, that
+        propagation's masks from there to ``until`` (inclusive; default: ``last``)."""
         out = dict(self.accepted)
         for index, mask in self.pending:  # not confirmed as a stop: kept
             if mask.any():
                 out[index] = mask
+        if self.rejoined_at is not None:
+            until = self.last if until is None else until
+            for index in range(self.rejoined_at + self.step, until + self.step, self.step):
+                if index in self.ctx.existing:
+                    out[index] = self.ctx.existing[index]
         return out
 
 
@@ -899,6 +935,8 @@ def propagate(
     cancel: Optional[Callable[[], bool]] = None,
     existing: Optional[Mapping[int, np.ndarray]] = None,
     bounds_xyxy: Optional[Sequence[float]] = None,
+    absent: Optional[Sequence[int]] = None,
+    previous_keys: Optional[Sequence[int]] = None,
 ) -> PropagationResult:
     """Propagate a segment from key slices through the volume (see the module docstring).
 
@@ -921,6 +959,14 @@ def propagate(
             to changed keys are recomputed (module docstring).
         bounds_xyxy: in-plane limits (x0, y0, x1, y1) in model-image pixels (a 3D ROI's
             rectangle): every box prompt is clipped to them.
+        absent: slices known not to hold the structure (a correction removed it there): they
+            stay empty and no walk crosses them; with ``existing``, the parts next to an absent
+            slice that held a mask are recomputed.
+        previous_keys: the key slices of the propagation that gave ``existing``. A key that is
+            new and sits on a slice ``existing`` holds a mask for is a correction: the gaps next
+            to it are recomputed, but the masks beyond it (away from the other keys) are kept
+            when ``existing`` holds any there (a correction is local; measured in
+            docs/propagation.md, "Corrections").
 
     Returns:
         A :class:`PropagationResult`.
@@ -952,7 +998,7 @@ def propagate(
             raise PromptError(f"key slice {k} is outside the slice range {lo}..{hi}")
 
     # keys given as prompts are segmented first; a key whose result is empty starts no walk
-    ctx = _Context(segmenter, strategy, rules, bounds_xyxy, progress, cancel, 1)
+    ctx = _Context(segmenter, strategy, rules, bounds_xyxy, progress, cancel, 1, existing)
     ctx.check_cancel()
     prepared: Dict[int, _Key] = {}
     from_prompts = set()
@@ -971,6 +1017,9 @@ def propagate(
         if _is_result(value):
             lr = np.asarray(value.low_res_logits)
             logits = lr[int(value.best)][None] if lr.ndim == 3 else lr
+            boxes = getattr(value, "boxes_xyxy", None)
+            if boxes is not None and not getattr(value, "searched", False):
+                box = np.asarray(boxes)[int(value.best)]  # the box given for the key slice
         if mask.any():
             prepared[k] = _Key(k, mask, ctx.to_image(mask), logits, int(mask.sum()), box)
     indices = sorted(prepared)
@@ -978,14 +1027,17 @@ def propagate(
         progress(1, 1, "done")
         return PropagationResult(masks={}, stop_reasons={"key": "empty"}, visited=ctx.visited)
 
-    # segments between consecutive keys (None = beyond the outermost key)
+    # segments between consecutive anchors: key slices and slices known to be empty
+    # (None = beyond the outermost anchor)
+    absent_set = {int(i) for i in (absent or ()) if lo <= int(i) <= hi} - set(indices)
+    anchors = sorted(set(indices) | absent_set)
     segments: List[Tuple[Optional[int], Optional[int]]] = []
     if direction in ("both", "down"):
-        segments.append((None, indices[0]))
-    segments += list(zip(indices[:-1], indices[1:]))
+        segments.append((None, anchors[0]))
+    segments += list(zip(anchors[:-1], anchors[1:]))
     if direction in ("both", "up"):
-        segments.append((indices[-1], None))
-    changed = set(indices)
+        segments.append((anchors[-1], None))
+    changed = set(anchors)
     if existing is not None:
         changed = {
             k
@@ -993,15 +1045,26 @@ def propagate(
             if k in from_prompts
             or k not in existing
             or not np.array_equal(np.asarray(existing[k], dtype=bool), prepared[k].mask)
-        }
+        } | {i for i in absent_set if i in existing and np.asarray(existing[i]).any()}
     todo = [seg for seg in segments if (seg[0] in changed) or (seg[1] in changed)]
+    if existing is not None and previous_keys is not None:
+        # a new key on a slice the earlier propagation had reached corrects that slice and the
+        # gaps next to it; the walk beyond it stands, unless it had not reached past the key
+        held = {int(i) for i, m in existing.items() if np.asarray(m).any()}
+        corrections = {k for k in indices if k not in set(previous_keys) and k in held}
+        todo = [
+            (a, b)
+            for a, b in todo
+            if not (b is None and a in corrections and any(i > a for i in held))
+            and not (a is None and b in corrections and any(i < b for i in held))
+        ]
     total = len(ctx.visited)
     for a, b in todo:
         total += (b - lo) if a is None else (hi - a) if b is None else (b - a - 1)
     ctx.total = max(total, 1)
 
     # calibrate only the keys that start walks
-    starters = {x for seg in todo for x in seg if x is not None}
+    starters = {x for seg in todo for x in seg if x in prepared}
     for k in sorted(starters):
         prepared[k].margin = ctx.calibrate(prepared[k])
 
@@ -1016,24 +1079,36 @@ def propagate(
         for i in range(first, last + 1):
             masks.pop(i, None)
         if a is None:
-            walk = _Walk(ctx, "down", prepared[b], -1, lo)
-            walk.run_to(lo)
-            walk.finish("end")
-            reasons["down"] = walk.reason
-            masks.update(walk.masks())
+            if b in prepared:
+                reasons["down"] = _walk_alone(ctx, "down", prepared[b], -1, lo, masks)
         elif b is None:
-            walk = _Walk(ctx, "up", prepared[a], +1, hi)
-            walk.run_to(hi)
-            walk.finish("end")
-            reasons["up"] = walk.reason
-            masks.update(walk.masks())
-        else:
+            if a in prepared:
+                reasons["up"] = _walk_alone(ctx, "up", prepared[a], +1, hi, masks)
+        elif a in prepared and b in prepared:
             masks.update(_fill_gap(ctx, prepared[a], prepared[b], direction, reasons))
+        elif a in prepared and direction in ("both", "up") and b - a > 1:
+            reason = _walk_alone(ctx, "up", prepared[a], +1, b - 1, masks)
+            reasons[f"{a}-{b} up"] = "absent" if reason == "end" else reason
+        elif b in prepared and direction in ("both", "down") and b - a > 1:
+            reason = _walk_alone(ctx, "down", prepared[b], -1, a + 1, masks)
+            reasons[f"{a}-{b} down"] = "absent" if reason == "end" else reason
+    for i in absent_set:
+        masks.pop(i, None)
     for k in indices:
         masks[k] = prepared[k].mask
     progress(ctx.total, ctx.total, "done")
     masks = {i: masks[i] for i in sorted(masks) if masks[i].any()}
     return PropagationResult(masks=masks, stop_reasons=reasons, visited=list(ctx.visited))
+
+
+def _walk_alone(ctx: _Context, name: str, key: _Key, step: int, last: int, masks) -> str:
+    """Walk from ``key`` towards ``last`` (inclusive) with no walk coming the other way; its masks
+    go into ``masks``. Returns why it stopped."""
+    walk = _Walk(ctx, name, key, step, last)
+    walk.run_to(last)
+    walk.finish("end")
+    masks.update(walk.masks())
+    return walk.reason
 
 
 def _fill_gap(ctx: _Context, a: _Key, b: _Key, direction: str, reasons) -> Dict[int, np.ndarray]:
@@ -1053,15 +1128,15 @@ def _fill_gap(ctx: _Context, a: _Key, b: _Key, direction: str, reasons) -> Dict[
     up.run_to(middle)
     down.run_to(middle + 1)
     # a walk that stopped short leaves its part to the other one
-    if up.done and up.reason != "end":
+    if up.done and up.reason not in ("end", "rejoined"):
         down.run_to(up.covered_until() + 1)
-    if down.done and down.reason != "end":
+    if down.done and down.reason not in ("end", "rejoined"):
         up.run_to(down.covered_until() - 1)
     up.finish("met")
     down.finish("met")
     reasons[f"{name} up"] = up.reason
     reasons[f"{name} down"] = down.reason
-    from_up, from_down = up.masks(), down.masks()
+    from_up, from_down = up.masks(until=middle), down.masks(until=middle + 1)
     out: Dict[int, np.ndarray] = {}
     for i in range(a.index + 1, b.index):
         near, far = (from_up, from_down) if i <= middle else (from_down, from_up)

@@ -7,20 +7,30 @@ masks per slice. Prompts live in model-image pixels of the plane's slices (archi
 are pixel-edge boxes (:func:`SlicerSAM.propagation.box_of_mask`): they enclose the reference's
 pixels exactly.
 
-=====================  ==========================================================================
-protocol               prompts
-=====================  ==========================================================================
-``box-per-slice``      the tight 2D box of the reference on every slice where it is present
-``box3d-propagate``    the reference's 3D bounding box: its slice range bounds the propagation and
-                       its in-plane rectangle bounds every box; the middle slice of the range is
-                       prompted with the reference's 2D box on it (LiteMedSAM's 3D protocol)
-``keyslice-box``       one 2D box on the slice of largest reference area, no slice range
-``keyslice-point``     one positive click at the most interior point of that slice (maximum of
-                       the distance transform), then propagation
-``clicks-N``           on every slice with reference: a click at the most interior point, then up
-                       to N - 1 correction clicks, each at the most interior point of the largest
-                       connected error region (positive where missed, negative where false)
-=====================  ==========================================================================
+=======================  ========================================================================
+protocol                 prompts (every protocol runs through an InteractiveSession)
+=======================  ========================================================================
+``box-per-slice``        the tight 2D box of the reference on every slice where it is present
+``roi-propagate``        the reference's 3D bounding box: its slice range and in-plane rectangle
+                         are the session's ROI; the middle slice of the range is prompted with
+                         the reference's 2D box on it (LiteMedSAM's 3D protocol; also known as
+                         ``box3d-propagate``)
+``click-roi-propagate``  ``roi-propagate``, then one positive click at the most interior point of
+                         the reference on its largest slice (a correction of the ROI's result
+                         there: nothing changes where that mask holds the click), then
+                         propagation again
+``box-propagate``        one 2D box on the slice of largest reference area, no slice range
+                         (also known as ``keyslice-box``)
+``click-propagate``      one positive click at the most interior point of that slice, then
+                         propagation (also known as ``keyslice-point``)
+``click-correct``        ``click-propagate``, then one correction click on the slice with the
+                         largest error (positive where missed, negative where false), then
+                         propagation again; Dice is reported before and after
+``clicks-N``             on every slice with reference: a click at the most interior point, then
+                         up to N - 1 correction clicks, each at the most interior point of the
+                         largest connected error region (positive where missed, negative where
+                         false)
+=======================  ========================================================================
 
 Slices without reference get no prompt in the per-slice protocols (``box-per-slice``,
 ``clicks-N``): a user does not click where the structure is absent, so those slices stay empty.
@@ -31,7 +41,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -42,13 +52,15 @@ from SlicerSAM.propagation import (
     _grid_to_image_mask,
     box_of_mask,
     interior_point,
-    propagate,
 )
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ALIASES",
     "PROTOCOLS",
+    "PROTOCOLS_TEXT",
+    "Workflow",
     "Box3D",
     "Protocol",
     "box3d_prompt",
@@ -58,16 +70,37 @@ __all__ = [
     "parse_protocol",
     "reference_box",
     "run_protocol",
+    "run_workflow",
     "select_structures",
+    "worst_slice_click",
 ]
 
-PROTOCOLS = ("box-per-slice", "box3d-propagate", "keyslice-box", "keyslice-point", "clicks-N")
+PROTOCOLS = (
+    "box-per-slice",
+    "roi-propagate",
+    "click-roi-propagate",
+    "box-propagate",
+    "click-propagate",
+    "click-correct",
+    "clicks-N",
+)
+# the names these protocols were published under first: the same prompts, the same runs
+ALIASES = {
+    "box3d-propagate": "roi-propagate",
+    "keyslice-box": "box-propagate",
+    "keyslice-point": "click-propagate",
+}
 _CLICKS = re.compile(r"^clicks-(\d+)$")
+PROTOCOLS_TEXT = (
+    "box-per-slice, roi-propagate (box3d-propagate), click-roi-propagate, box-propagate "
+    "(keyslice-box), click-propagate (keyslice-point), click-correct, clicks-N (e.g. clicks-3)"
+)
 
 
 @dataclass(frozen=True)
 class Protocol:
-    """A parsed protocol name: ``kind`` is one of PROTOCOLS, ``clicks`` N for ``clicks-N``."""
+    """A parsed protocol name: ``kind`` is one of PROTOCOLS (an alias gives the protocol it
+    names), ``clicks`` N for ``clicks-N``; ``name`` is the name as given."""
 
     name: str
     kind: str
@@ -75,7 +108,8 @@ class Protocol:
 
 
 def parse_protocol(name: str) -> Protocol:
-    """``"clicks-3"`` -> Protocol("clicks-3", "clicks-N", 3); other names as they are."""
+    """``"clicks-3"`` -> Protocol("clicks-3", "clicks-N", 3); ``"keyslice-box"`` ->
+    Protocol("keyslice-box", "box-propagate"); other names as they are."""
     name = str(name).strip()
     match = _CLICKS.match(name)
     if match:
@@ -83,12 +117,11 @@ def parse_protocol(name: str) -> Protocol:
         if n < 1:
             raise ValueError(f"{name}: clicks-N needs N >= 1")
         return Protocol(name, "clicks-N", n)
+    if name in ALIASES:
+        return Protocol(name, ALIASES[name])
     if name in PROTOCOLS and name != "clicks-N":
         return Protocol(name, name)
-    raise ValueError(
-        f"unknown protocol {name!r}; choose one of box-per-slice, box3d-propagate, keyslice-box, "
-        "keyslice-point, clicks-N (e.g. clicks-3)"
-    )
+    raise ValueError(f"unknown protocol {name!r}; choose one of {PROTOCOLS_TEXT}")
 
 
 def select_structures(
@@ -219,6 +252,17 @@ def _reference_slices(plane, mask3d: np.ndarray):
             yield k, ref
 
 
+@dataclass(frozen=True, eq=False)
+class Workflow:
+    """What a protocol produced for one structure: ``masks`` {slice index: grid mask}; for
+    ``click-correct`` also ``before`` (the masks before the correction) and ``correction``
+    (slice index, x, y, label) of the click given."""
+
+    masks: Dict[int, np.ndarray]
+    before: Optional[Dict[int, np.ndarray]] = None
+    correction: Optional[Tuple[int, float, float, int]] = None
+
+
 def run_protocol(
     segmenter,
     mask3d: np.ndarray,
@@ -232,74 +276,139 @@ def run_protocol(
 ) -> Dict[int, np.ndarray]:
     """Run one protocol for one structure; returns {slice index: predicted grid mask}.
 
+    :func:`run_workflow`'s masks (same arguments).
+    """
+    return run_workflow(
+        segmenter,
+        mask3d,
+        protocol,
+        jitter=jitter,
+        rng=rng,
+        strategy=strategy,
+        stop=stop,
+        cancel=cancel,
+    ).masks
+
+
+def run_workflow(
+    segmenter,
+    mask3d: np.ndarray,
+    protocol,
+    *,
+    jitter: float = 0.0,
+    rng: Optional[np.random.Generator] = None,
+    strategy=None,
+    stop: Optional[StopRules] = None,
+    cancel=None,
+) -> Workflow:
+    """Run one protocol for one structure through an :class:`~SlicerSAM.session.InteractiveSession`.
+
     Args:
         segmenter: the segmenter (one per volume; its embedding cache serves all structures).
         mask3d: the structure's reference, bool (K, J, I) on the volume grid.
         protocol: a name or a :class:`Protocol`.
         jitter: box jitter in model-image pixels (0: exact boxes); needs ``rng``.
         rng: the seeded generator for the jitter.
-        strategy, stop: propagation strategy and stop rules (None: the defaults; box3d-propagate
-            uses ``StopRules(min_pixels=1, patience=1)`` by default, see docs/protocols.md).
+        strategy, stop: propagation strategy and stop rules (None: the defaults; roi-propagate and
+            click-roi-propagate use ``BOX3D_STOP`` by default, see docs/protocols.md).
         cancel: cancel() -> bool, passed to propagation and checked between slices.
     """
     from SlicerSAM.errors import Cancelled
+    from SlicerSAM.session import InteractiveSession, Roi
 
     protocol = parse_protocol(protocol) if isinstance(protocol, str) else protocol
     plane = segmenter.plane
     mask3d = np.asarray(mask3d, dtype=bool)
     cancel = cancel or (lambda: False)
-    strategy = strategy if strategy is not None else "adaptive"
+    session = InteractiveSession(
+        segmenter=segmenter,
+        strategy=strategy if strategy is not None else "adaptive",
+        stop=stop,
+    )
+    kind = protocol.kind
 
     def check():
         if cancel():
             raise Cancelled("benchmark cancelled")
 
-    if protocol.kind == "box-per-slice":
-        out = {}
+    def propagate(**kwargs):
+        session.propagate(cancel=cancel, **kwargs)
+
+    if kind == "box-per-slice":
         for k, ref in _reference_slices(plane, mask3d):
             check()
             box = reference_box(plane, ref, jitter, rng)
-            result = segmenter.segment(k, SlicePrompts(k, box_xyxy=box), multimask=False)
-            out[k] = np.asarray(result.mask, dtype=bool)
-        return out
+            session.segment(SlicePrompts(k, box_xyxy=box), multimask=False)
+        return Workflow(session.result())
 
-    if protocol.kind == "box3d-propagate":
+    if kind in ("roi-propagate", "click-roi-propagate"):
         b3 = box3d_prompt(plane, mask3d, jitter, rng)
+        session.set_roi(Roi(b3.slice_range, b3.roi_xyxy))
+        session.segment(SlicePrompts(b3.middle, box_xyxy=b3.box_xyxy))
         # the slice range bounds the walk: by default it runs to the ends of the range and only
         # stops on an empty slice (docs/propagation.md: stop rules inside a known range cost Dice)
         rules = stop if stop is not None else BOX3D_STOP
-        prop = propagate(
-            segmenter,
-            {b3.middle: SlicePrompts(b3.middle, box_xyxy=b3.box_xyxy)},
-            strategy=strategy,
-            stop=rules,
-            slice_range=b3.slice_range,
-            bounds_xyxy=b3.roi_xyxy,
-            cancel=cancel,
-        )
-        return prop.masks
+        propagate(stop=rules)
+        if kind == "click-roi-propagate":
+            # the click on the slice where the structure is largest, after the ROI's result is
+            # shown: a correction of that slice (nothing changes where the mask holds it)
+            key = largest_slice(plane, mask3d)
+            x, y = interior_point(_grid_to_image_mask(plane, plane.grid(mask3d, key)))
+            session.add_click(key, (x, y), positive=True)
+            propagate(stop=rules)
+        return Workflow(session.result())
 
-    if protocol.kind in ("keyslice-box", "keyslice-point"):
+    if kind in ("box-propagate", "click-propagate", "click-correct"):
         key = largest_slice(plane, mask3d)
         ref = np.asarray(plane.grid(mask3d, key), dtype=bool)
-        if protocol.kind == "keyslice-box":
-            prompts = SlicePrompts(key, box_xyxy=reference_box(plane, ref, jitter, rng))
+        if kind == "box-propagate":
+            session.segment(SlicePrompts(key, box_xyxy=reference_box(plane, ref, jitter, rng)))
         else:
             x, y = interior_point(_grid_to_image_mask(plane, ref))
-            prompts = SlicePrompts(key, points_xy=[[x, y]], point_labels=[1])
-        prop = propagate(segmenter, {key: prompts}, strategy=strategy, stop=stop, cancel=cancel)
-        return prop.masks
+            session.segment(SlicePrompts(key, points_xy=[[x, y]], point_labels=[1]))
+        propagate()
+        if kind != "click-correct":
+            return Workflow(session.result())
+        before = session.result()
+        click = worst_slice_click(plane, before, mask3d)
+        if click is None:
+            return Workflow(before, before)
+        index, x, y, label = click
+        check()
+        session.add_click(index, (x, y), positive=bool(label))
+        if session.keys:
+            propagate()
+        return Workflow(session.result(), before, click)
 
-    if protocol.kind == "clicks-N":
-        out = {}
+    if kind == "clicks-N":
         for k, ref in _reference_slices(plane, mask3d):
             check()
-            mask = _clicks_on_slice(segmenter, plane, k, ref, protocol.clicks)
-            if mask.any():
-                out[k] = mask
-        return out
+            _clicks_on_slice(session, plane, k, ref, protocol.clicks)
+        return Workflow(session.result())
 
     raise ValueError(f"unknown protocol {protocol!r}")
+
+
+def worst_slice_click(
+    plane, masks: Mapping[int, np.ndarray], mask3d: np.ndarray
+) -> Optional[Tuple[int, float, float, int]]:
+    """The correction click of ``click-correct``: (slice index, x, y, label) on the slice whose
+    prediction differs from the reference in the most pixels (ties: the lowest index), at
+    :func:`error_click`'s place; None when the prediction is exact."""
+    worst, index = 0, None
+    empty = np.zeros(plane.grid_shape, dtype=bool)
+    for k in range(plane.num_slices):
+        ref = np.asarray(plane.grid(mask3d, k), dtype=bool)
+        pred = np.asarray(masks.get(k, empty), dtype=bool)
+        errors = int(np.count_nonzero(ref ^ pred))
+        if errors > worst:
+            worst, index = errors, k
+    if index is None:
+        return None
+    ref = np.asarray(plane.grid(mask3d, index), dtype=bool)
+    pred = np.asarray(masks.get(index, empty), dtype=bool)
+    click = error_click(_grid_to_image_mask(plane, pred), _grid_to_image_mask(plane, ref))
+    return None if click is None else (index, click[0], click[1], click[2])
 
 
 # box3d-propagate: inside the known slice range, only an empty slice (confirmed at once) stops
@@ -313,30 +422,16 @@ BOX3D_STOP = StopRules(
 )
 
 
-def _clicks_on_slice(segmenter, plane, index: int, ref: np.ndarray, n_clicks: int) -> np.ndarray:
-    """Iterative clicks on one slice (SAM paper): first click at the reference's most interior
-    point (multimask, best predicted IoU), then each next click at the largest error region with
-    all earlier clicks and the previous low-res logits as prompts (single mask)."""
+def _clicks_on_slice(session, plane, index: int, ref: np.ndarray, n_clicks: int) -> None:
+    """Iterative clicks on one slice (SAM paper): the first click at the reference's most
+    interior point, each next one at the largest error region of the session's current mask of
+    the slice; each click is added to the slice's prompts (:meth:`InteractiveSession.add_click`:
+    a correction of the mask the earlier clicks gave)."""
     ref_img = _grid_to_image_mask(plane, ref)
-    points: List[Sequence[float]] = []
-    labels: List[int] = []
-    mask = np.zeros(plane.grid_shape, dtype=bool)
-    logits = None
-    for n in range(n_clicks):
-        pred_img = _grid_to_image_mask(plane, mask)
-        click = error_click(pred_img, ref_img)
+    for _ in range(n_clicks):
+        key = session.keys.get(index)
+        mask = key.mask if key is not None else np.zeros(plane.grid_shape, dtype=bool)
+        click = error_click(_grid_to_image_mask(plane, mask), ref_img)
         if click is None:
             break
-        points.append(click[:2])
-        labels.append(click[2])
-        prompts = SlicePrompts(
-            index,
-            points_xy=np.asarray(points, dtype=np.float32),
-            point_labels=np.asarray(labels, dtype=np.int32),
-            mask_logits=logits,
-        )
-        result = segmenter.segment(index, prompts, multimask=(n == 0))
-        best = int(result.best)
-        mask = np.asarray(result.masks[best], dtype=bool)
-        logits = np.asarray(result.low_res_logits)[best][None]
-    return mask
+        session.add_click(index, click[:2], positive=bool(click[2]))

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from SlicerSAM.box_search import POINT_PROMPTS
+from SlicerSAM.box_search import BoxCandidate as BoxCandidateLike
 from SlicerSAM.cache import CacheKey, EmbeddingCache
 from SlicerSAM.errors import PromptError
 from SlicerSAM.intensity import IntensityMapping
@@ -52,6 +53,30 @@ _SHUTTING_DOWN = threading.Event()
 getattr(threading, "_register_atexit", lambda fn: None)(_SHUTTING_DOWN.set)
 
 
+# A correction prefers the masks that keep at least this fraction of the mask it corrects: a
+# positive click says "this too", not "something else"; a negative click inside a one-piece mask
+# trims it when a candidate keeps this much of it, and otherwise rejects the whole mask (a click
+# at the middle of a mask leaves no box that holds half of it).
+KEEP_FRACTION = 0.5
+
+
+def _without_clicked_parts(mask: np.ndarray, negative: np.ndarray) -> Optional[np.ndarray]:
+    """``mask`` (H, W bool) without its connected parts (8-connected) under the negative clicks
+    (N, 2) (x, y), when it is in several parts and some part is left; else None."""
+    from scipy import ndimage
+
+    parts, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if n < 2:
+        return None
+    cols = np.clip(np.rint(negative[:, 0]).astype(int), 0, mask.shape[1] - 1)
+    rows = np.clip(np.rint(negative[:, 1]).astype(int), 0, mask.shape[0] - 1)
+    hit = {int(v) for v in parts[rows, cols] if v}
+    if not hit:
+        return None
+    left = mask & ~np.isin(parts, sorted(hit))
+    return left if left.any() else None
+
+
 # Decodes the box search keeps (a slice's candidates and their re-prompts: 11 per click set);
 # each holds a mask and 256 x 256 float32 logits, about 0.5 MB for a 512 x 512 slice.
 _BOX_MEMO_SIZE = 44
@@ -64,8 +89,11 @@ class SliceResult:
     masks (C, rows, cols) bool; iou (C,) predicted IoU; best: the chosen mask (argmax(iou) for
     the model's own candidates); low_res_logits (C, 256, 256) float32 (feed
     ``low_res_logits[best][None]`` back as ``SlicePrompts.mask_logits`` to refine);
-    boxes_xyxy (C, 4) float32, model-image pixels: the box each mask was decoded from when the
-    segmenter chose the boxes (clicks on a box-trained model), else None.
+    boxes_xyxy (C, 4) float32, model-image pixels: the box each mask was decoded from (the box
+    prompt, or the box the segmenter chose for clicks on a box-trained model); None when no box
+    was involved. searched: True when the segmenter chose the best mask's box itself (clicks
+    on a box-trained model) rather than taking the box prompt as given. Propagation calibrates
+    its box margins against a given box only: a searched box is loose by design.
     """
 
     index: int
@@ -74,6 +102,7 @@ class SliceResult:
     best: int
     low_res_logits: np.ndarray
     boxes_xyxy: Optional[np.ndarray] = None
+    searched: bool = False
 
     @property
     def mask(self) -> np.ndarray:
@@ -417,7 +446,11 @@ class Segmenter:
         return np.asarray(self.predictor.mask_to_low_res(image), dtype=np.float32)
 
     def segment(
-        self, index: int, prompts: SlicePrompts, multimask: Optional[bool] = None
+        self,
+        index: int,
+        prompts: SlicePrompts,
+        multimask: Optional[bool] = None,
+        max_area: Optional[float] = None,
     ) -> SliceResult:
         """Masks for ``prompts`` on slice ``index`` (encoding the slice first if needed).
 
@@ -426,6 +459,9 @@ class Segmenter:
             prompts: model-image prompts of that slice (``prompts_on_slice`` makes them).
             multimask: ask SAM for 3 candidates; None: only for an ambiguous prompt (a single
                 point with no box and no mask), as SAM's authors recommend.
+            max_area: the largest plausible mask (pixels of the slice grid) for clicks on a
+                box-trained model: larger candidates rank after the others that honour as many
+                clicks (the session derives it from the neighbouring slices' masks).
 
         Raises:
             PromptError: index outside [0, num_slices), prompts of another slice, or no prompt.
@@ -447,13 +483,8 @@ class Segmenter:
                 and prompts.mask is None
             )
         embedding = self.embedding(index)
-        if (
-            self.point_prompts == "box"
-            and prompts.points_xy is not None
-            and prompts.box_xyxy is None
-            and (prompts.point_labels == 1).any()
-        ):
-            return self._segment_clicks_as_box(index, prompts, embedding, bool(multimask))
+        if self.point_prompts == "box" and prompts.points_xy is not None:
+            return self._segment_clicks_as_box(index, prompts, embedding, bool(multimask), max_area)
         t0 = time.perf_counter()
         with self._predict_lock:
             self.predictor.set_embedding(embedding)  # first: mask_to_low_res uses its frame
@@ -471,27 +502,69 @@ class Segmenter:
         ms = (time.perf_counter() - t0) * 1000.0
         self._add_stats(decodes=1, decode_ms=ms)
         iou = np.asarray(iou, dtype=np.float32).reshape(-1)
+        boxes = None
+        if prompts.box_xyxy is not None:  # every candidate answers the one box given
+            boxes = np.repeat(np.asarray(prompts.box_xyxy, dtype=np.float32)[None], len(iou), 0)
         return SliceResult(
             index=index,
             masks=np.asarray(masks).astype(bool, copy=False),
             iou=iou,
             best=int(np.argmax(iou)),
             low_res_logits=np.asarray(low_res, dtype=np.float32),
+            boxes_xyxy=boxes,
         )
 
     def _segment_clicks_as_box(
-        self, index: int, prompts: SlicePrompts, embedding, multimask: bool
+        self,
+        index: int,
+        prompts: SlicePrompts,
+        embedding,
+        multimask: bool,
+        max_area: Optional[float] = None,
     ) -> SliceResult:
-        """Clicks on a box-trained model: :func:`SlicerSAM.box_search.search_box`. A mask prompt
-        given with the clicks is not passed on (LiteMedSAM was not trained with one either:
-        docs/propagation.md). ``multimask``: the 3 best distinct candidates, else the best one."""
-        from SlicerSAM.box_search import distinct, search_box
+        """Clicks on a box-trained model: the clicks choose among boxes (module docstring).
+
+        - Clicks alone: :func:`SlicerSAM.box_search.search_box`, the box around them that the
+          model is surest of (inside ``prompts.bounds_xyxy`` when given, as every box here).
+        - Clicks with a box (a box drawn on the slice, or a 3D ROI's rectangle): the box's own
+          mask when it honours every click, so a click inside a box never changes a mask that
+          already agrees with it; otherwise the box, the candidate boxes around the positive
+          clicks clipped to it and the box cut at each negative click compete.
+        - Clicks with a mask (``SlicePrompts.mask``: a correction of an existing result): the
+          mask's box decoded again, that box reaching out to the positive clicks, the candidates
+          around the positive clicks and the mask's box cut at each negative click compete. With
+          negative clicks only, nothing is left when no candidate honours them: the structure is
+          not on the slice where the user said "not this".
+
+        Candidates compete as in :func:`SlicerSAM.box_search.rank_boxes`: the clicks they
+        honour first, then predicted IoU x stability x self-consistency. ``multimask``: the 3 best
+        distinct candidates, else the best one. A mask logits prompt is not passed on (LiteMedSAM
+        was not trained with one either: docs/propagation.md).
+        """
+        from SlicerSAM.box_search import (
+            candidate_boxes,
+            cut_boxes,
+            distinct,
+            honours_all,
+            rank_boxes,
+            tight_box,
+            within,
+        )
 
         plane = self.plane
         grid_shape = tuple(int(n) for n in plane.grid_shape)
         same_grid = tuple(plane.image_shape) == grid_shape
         decodes = 0
         slice_key = self.cache_key(index)
+        points, labels = prompts.points_xy, prompts.point_labels
+        positive = points[labels == 1]
+        negative = points[labels != 1]
+        pixel_mm = float(min(plane.pixel_spacing))
+
+        def to_image(grid):
+            if same_grid:
+                return np.asarray(grid, dtype=bool)
+            return plane.to_image(np.asarray(grid, dtype=np.float32), order=1) >= 0.5
 
         def decode(box):
             # A negative click or a moved one often asks for boxes already decoded on this slice
@@ -507,27 +580,113 @@ class Segmenter:
             )
             decodes += 1
             grid = np.asarray(masks[0], dtype=bool)
-            image = grid if same_grid else plane.to_image(grid.astype(np.float32), order=1) >= 0.5
             logits = np.asarray(low_res, dtype=np.float32)[0]
-            out = (image, float(np.asarray(iou).reshape(-1)[0]), logits, (grid, logits))
+            out = (to_image(grid), float(np.asarray(iou).reshape(-1)[0]), logits, (grid, logits))
             self._box_memo[memo_key] = out
             while len(self._box_memo) > _BOX_MEMO_SIZE:
                 self._box_memo.popitem(last=False)
             return out
 
+        # the search's boxes around the positive clicks, and around each click the smallest one
+        # (what "the click's surroundings" means to a correction)
+        around = near = np.zeros((0, 4), dtype=np.float32)
+        if len(positive):
+            ones = np.ones(len(positive))
+            around = candidate_boxes(positive, ones, plane.image_shape, pixel_mm)
+            near = np.stack(
+                [candidate_boxes(c[None], [1], plane.image_shape, pixel_mm)[0] for c in positive]
+            )
+
+        # pixels of the model image per pixel of the slice grid (for max_area)
+        scale = float(np.prod(plane.image_shape)) / float(np.prod(grid_shape))
+
+        def plausible(mask):
+            return max_area is None or np.count_nonzero(mask) <= max_area * scale
+
+        def limit(boxes):  # candidate boxes stay inside the bounds (an ROI's rectangle)
+            boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+            return boxes if prompts.bounds_xyxy is None else within(boxes, prompts.bounds_xyxy)
+
         t0 = time.perf_counter()
         with self._predict_lock:
             self.predictor.set_embedding(embedding)
-            found = search_box(
-                decode,
-                prompts.points_xy,
-                prompts.point_labels,
-                plane.image_shape,
-                float(min(plane.pixel_spacing)),
-            )
+            previous = None
+            if prompts.mask is not None and prompts.box_xyxy is None:
+                previous = tight_box(to_image(prompts.mask))
+            if prompts.box_xyxy is not None:
+                box = np.asarray(prompts.box_xyxy, dtype=np.float32)
+                first = rank_boxes(decode, [box], points, labels, rerank=0)
+                if honours_all(first[0].mask, points, labels) and not multimask:
+                    found = first
+                else:
+                    cuts = cut_boxes(box, negative, first[0].mask)
+                    boxes = [box[None], within(around, box), cuts]
+                    found = rank_boxes(decode, limit(np.concatenate(boxes)), points, labels)
+                    if honours_all(first[0].mask, points, labels):
+                        # the box's own mask agrees with the clicks: it stays first
+                        found = [c for c in found if np.allclose(c.box_xyxy, box)] + [
+                            c for c in found if not np.allclose(c.box_xyxy, box)
+                        ]
+            elif previous is not None:
+                before = to_image(prompts.mask)
+                removed = None if len(positive) else _without_clicked_parts(before, negative)
+                if removed is not None:
+                    found = [removed]
+                else:
+                    boxes = [previous[None]]
+                    if len(positive):
+                        reach = np.concatenate([previous[None], near])
+                        corners = [reach[:, :2].min(0), reach[:, 2:].max(0)]
+                        boxes.append(np.concatenate(corners)[None])
+                    boxes += [around, cut_boxes(previous, negative, before)]
+
+                    def keeps(mask):  # a correction keeps most of what it corrects
+                        return np.count_nonzero(mask & before) >= KEEP_FRACTION * before.sum()
+
+                    found = rank_boxes(
+                        decode,
+                        limit(np.concatenate(boxes)),
+                        points,
+                        labels,
+                        prefer=lambda mask: keeps(mask) and plausible(mask),
+                    )
+                    if not len(positive) and not (
+                        found
+                        and honours_all(found[0].mask, points, labels)
+                        and keeps(found[0].mask)
+                    ):
+                        found = []  # "not this", and nothing of it is left: the slice is empty
+            elif len(positive):
+                # search_box, with the candidates kept inside the bounds
+                found = rank_boxes(decode, limit(around), points, labels, prefer=plausible)
+            else:
+                raise PromptError(
+                    f"slice {index}: negative clicks alone say what is not the structure, not "
+                    "where it is: add a positive click, a box, or correct an existing result"
+                )
         ms = (time.perf_counter() - t0) * 1000.0
         self._add_stats(decodes=decodes, decode_ms=ms)
+        if found and not isinstance(found[0], BoxCandidateLike):
+            grid = found[0] if same_grid else plane.to_grid(found[0].astype(np.float32)) >= 0.5
+            return SliceResult(
+                index=index,
+                masks=np.asarray(grid, dtype=bool)[None],
+                iou=np.ones(1, dtype=np.float32),
+                best=0,
+                low_res_logits=np.zeros((1, 256, 256), dtype=np.float32),
+                boxes_xyxy=None,
+            )
+        if not found:
+            return SliceResult(
+                index=index,
+                masks=np.zeros((1,) + grid_shape, dtype=bool),
+                iou=np.zeros(1, dtype=np.float32),
+                best=0,
+                low_res_logits=np.full((1, 256, 256), -20.0, dtype=np.float32),
+                boxes_xyxy=None,
+            )
         chosen = distinct(found, 3 if multimask else 1)
+        given = prompts.box_xyxy
         return SliceResult(
             index=index,
             masks=np.stack([c.payload[0] for c in chosen]),
@@ -535,6 +694,7 @@ class Segmenter:
             best=0,
             low_res_logits=np.stack([c.payload[1] for c in chosen]),
             boxes_xyxy=np.stack([c.box_xyxy for c in chosen]).astype(np.float32),
+            searched=given is None or not np.allclose(chosen[0].box_xyxy, given),
         )
 
     def mask_features(self, index: int, mask: np.ndarray) -> Optional[Tuple[np.ndarray, float]]:

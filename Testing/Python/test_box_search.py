@@ -334,7 +334,7 @@ def test_a_negative_click_reuses_the_decodes_of_the_positive_ones(monkeypatch):
     moved = len(calls)
     seg.segment(3, SlicePrompts(3, points_xy=[[30, 30]], point_labels=[1]))
     assert len(calls) == moved + first  # another slice: its own decodes
-    # a box with the clicks goes to the model as given (the search answers clicks alone)
+    # a box whose mask honours the clicks is decoded once: the clicks change nothing
     before = len(calls)
-    seg.segment(2, SlicePrompts(2, points_xy=[[30, 30]], point_labels=[1], box_xyxy=[1, 2, 9, 9]))
+    seg.segment(2, SlicePrompts(2, points_xy=[[1, 1]], point_labels=[1], box_xyxy=[0, 0, 9, 9]))
     assert len(calls) == before + 1

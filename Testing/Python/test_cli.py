@@ -252,8 +252,10 @@ def test_one_click_segments_the_spleen_and_point_prompts_model_gives_lite_medsam
         dices[mode] = 2 * (mask[:, :, k] & ref).sum() / (mask[:, :, k].sum() + ref.sum())
         infos[mode] = json.loads(info.read_text())
     assert infos["auto"]["point_prompts"] == "box" and infos["model"]["point_prompts"] == "model"
-    x0, y0, x1, y1 = infos["auto"]["searched_box_xyxy"]
-    assert x0 < x1 and y0 < y1 and infos["model"]["searched_box_xyxy"] is None
+    searched = infos["auto"]["prompted"][str(k)]
+    x0, y0, x1, y1 = searched["box_xyxy"]
+    assert x0 < x1 and y0 < y1 and searched["searched_box"]
+    assert infos["model"]["prompted"][str(k)]["box_xyxy"] is None
     assert dices["auto"] > 0.75 and dices["model"] < 0.2, dices
 
 

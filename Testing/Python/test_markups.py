@@ -2,86 +2,18 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
-from conftest import SHARED
+from markups_files import fiducial as _fiducial
+from markups_files import point as _point
+from markups_files import roi as _roi
+from markups_files import write as _write
 from synthetic import awkward_volume
 
 from SlicerSAM.errors import PromptError
 from SlicerSAM.markups import point_polarity, read_markups
 from SlicerSAM.prompts import Box, box_slice_range, prompts_on_slice
 from SlicerSAM.slicing import plane_for
-
-SCHEMA_URL = (
-    "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/"
-    "Schema/markups-schema-v1.0.3.json#"
-)
-SCHEMA_FILE = SHARED / "slicer-api" / "markups-schema-v1.0.3.json"
-
-
-def _point(label, position, description="", status="defined"):
-    return {
-        "id": label,
-        "label": label,
-        "description": description,
-        "associatedNodeID": "",
-        "position": list(position),
-        "orientation": [-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0],
-        "selected": True,
-        "locked": False,
-        "visibility": True,
-        "positionStatus": status,
-    }
-
-
-def _fiducial(name, points, system="RAS"):
-    return {
-        "type": "Fiducial",
-        "coordinateSystem": system,
-        "coordinateUnits": "mm",
-        "locked": False,
-        "fixedNumberOfControlPoints": False,
-        "labelFormat": "%N-%d",
-        "lastUsedControlPointNumber": len(points),
-        "name": name,
-        "controlPoints": points,
-        "measurements": [],
-        "display": {"visibility": True, "opacity": 1.0, "color": [0.4, 1.0, 1.0]},
-    }
-
-
-def _roi(name, center, size, orientation=(1, 0, 0, 0, 1, 0, 0, 0, 1), system="RAS"):
-    return {
-        "type": "ROI",
-        "coordinateSystem": system,
-        "coordinateUnits": "mm",
-        "locked": False,
-        "fixedNumberOfControlPoints": False,
-        "labelFormat": "%N-%d",
-        "lastUsedControlPointNumber": 1,
-        "name": name,
-        "roiType": "Box",
-        "insideOut": False,
-        "center": list(center),
-        "orientation": list(orientation),
-        "size": list(size),
-        "controlPoints": [_point(f"{name}-1", center)],
-        "measurements": [],
-        "display": {"visibility": True, "opacity": 1.0},
-    }
-
-
-def _write(tmp_path: Path, *markups, name="prompts.mrk.json") -> Path:
-    data = {"@schema": SCHEMA_URL, "markups": list(markups)}
-    if SCHEMA_FILE.is_file():  # our hand-written files follow Slicer's schema
-        jsonschema = pytest.importorskip("jsonschema")
-        jsonschema.validate(data, json.loads(SCHEMA_FILE.read_text()))
-    path = tmp_path / name
-    path.write_text(json.dumps(data, indent=2))
-    return path
 
 
 def test_point_list_becomes_positive_points(tmp_path):

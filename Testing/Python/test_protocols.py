@@ -21,7 +21,7 @@ def _recorder(seg):
     seen = []
     original = seg.segment
 
-    def spy(index, prompts, multimask=None):
+    def spy(index, prompts, multimask=None, **kwargs):
         seen.append((index, prompts, multimask))
         return original(index, prompts, multimask)
 
@@ -190,12 +190,14 @@ def test_clicks_n_corrects_at_the_largest_error_and_skips_empty_slices():
     for k, calls in per_slice.items():
         assert len(calls) == 2  # the 2nd click fixes everything: no 3rd
         (first, mm1), (second, mm2) = calls
-        assert mm1 is True and mm2 is False
+        assert mm1 is None and mm2 is None  # the segmenter's default: multimask for one click
         assert first.num_points == 1 and second.num_points == 2
         assert list(second.point_labels) == [1, 1]  # the missed half: a positive click
         x = second.points_xy[1, 0]
         grid = np.asarray(seg.plane.grid(labels == 1, k))
         cols = np.flatnonzero(grid.any(axis=0))
         assert x >= cols[len(cols) // 2]  # in the missed (right) half
-        assert second.mask_logits is not None
+        # the 2nd click corrects the mask the first gave (the left half)
+        np.testing.assert_array_equal(second.mask[:, : cols[0]], False)
+        assert second.mask.sum() == grid[:, : cols[len(cols) // 2]].sum()
         np.testing.assert_array_equal(out[k], grid)

@@ -243,10 +243,6 @@ LOGIC_FLOW = STUBS + textwrap.dedent(
         "restored": restored,
         "gone_error": gone_error,
         "gone_untouched": bool(np.array_equal(labels, kept)),
-        "range_up": list(logic._propagationRange("up")),
-        "range_down": list(logic._propagationRange("down")),
-        "range_roi": list(logic._propagationRange("roi")),
-        "num_slices": plane.num_slices,
     }))
     """
 )
@@ -266,9 +262,6 @@ def test_logic_segments_accepts_and_undoes_with_the_real_model(tmp_path, litemed
     assert info["undone"] and info["restored"]
     assert "s1" in info["gone_error"] and "deleted" in info["gone_error"]
     assert info["gone_untouched"]
-    assert info["range_up"] == [index, info["num_slices"] - 1]
-    assert info["range_down"] == [0, index]
-    assert info["range_roi"] == [index, index]
 
 
 REPROPAGATE_FLOW = STUBS + textwrap.dedent(
@@ -302,11 +295,12 @@ REPROPAGATE_FLOW = STUBS + textwrap.dedent(
             mask = np.asarray(self.plane.to_grid(inside.astype(np.float32), order=0)) > 0.5
             return SliceResult(index, mask[None], np.array([0.9]), 0, np.zeros((1, 256, 256)))
 
+    from SlicerSAM.session import InteractiveSession
+
     logic = loaded.SlicerSAMLogic()
     logic.volume = phantom.image
     fake = Fake(phantom.image)
-    logic._getSegmenter = lambda: fake
-    logic.plane = lambda: fake.plane
+    logic._session = InteractiveSession(segmenter=fake, undo_stack=logic.undoStack)
     logic.showPreview = lambda masks: None
     plane = fake.plane
     present = [i for i in range(plane.num_slices) if plane.grid(liver, i).any()]
@@ -332,17 +326,27 @@ REPROPAGATE_FLOW = STUBS + textwrap.dedent(
     before = fake.calls
     second = logic.propagate("both")
     second_calls = fake.calls - before
-    fresh = propagate(Fake(phantom.image), dict(logic.keyMasks))
-    same = sorted(second.masks) == sorted(fresh.masks) and all(
-        np.array_equal(second.masks[i], fresh.masks[i]) for i in fresh.masks
-    )
+    keys = {i: k.result for i, k in logic.keyMasks.items()}
+    fresh = propagate(Fake(phantom.image), keys)
+    gap = range(key + 1, corrected)
+    beyond = [i for i in first.masks if i > corrected]
     print(json.dumps({
+        "keys": sorted(keys),
         "first_calls": first_calls,
         "second_calls": second_calls,
         "first_slices": len(first.masks),
-        "second_slices": len(second.masks),
-        "same_as_fresh": bool(same),
         "changed": bool(changed),
+        # each gap slice is a fresh walk's mask, or the first run's where the walk rejoined it
+        "gap_as_fresh": all(
+            any(np.array_equal(second.masks.get(i), run.masks.get(i)) for run in (fresh, first))
+            for i in gap
+        ),
+        "gap_recomputed": any(
+            not np.array_equal(second.masks.get(i), first.masks.get(i)) for i in gap
+        ),
+        "beyond_kept": bool(beyond) and all(
+            np.array_equal(second.masks[i], first.masks[i]) for i in beyond
+        ),
         "pending": sorted(logic.pending) == sorted(second.masks),
     }))
     """
@@ -351,10 +355,15 @@ REPROPAGATE_FLOW = STUBS + textwrap.dedent(
 
 def test_logic_repropagates_only_around_a_corrected_slice(tmp_path):
     info = _run_flow(REPROPAGATE_FLOW, tmp_path)
-    assert info["first_slices"] >= 10 and info["changed"], info
-    # the second run recomputes only the gap between the keys and the walk beyond the new one
+    # the box dragged to another slice: the first key keeps its mask, the new slice is a key
+    assert len(info["keys"]) == 2 and info["first_slices"] >= 10 and info["changed"], info
+    # the second run recomputes only the gap between the keys (as a fresh run would, until it
+    # rejoins the first run's masks); the slices beyond the corrected one, which the first run
+    # had reached, keep its masks
     assert 0 < info["second_calls"] < info["first_calls"], info
-    assert info["same_as_fresh"] and info["pending"], info
+    assert info["gap_as_fresh"] and info["gap_recomputed"], info
+    assert info["beyond_kept"], info
+    assert info["pending"], info
 
 
 # ---------------------------------------------------------------------------------------------
