@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "is_leak",
     "peak_rss_mb",
+    "read_label_names",
     "run_benchmark",
     "slices_beyond",
     "run_dataset",
@@ -57,12 +58,6 @@ def peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes
     return round(peak / (2**20 if sys.platform == "darwin" else 1024.0), 1)
-
-
-def _window_text(intensity) -> str:
-    if intensity.kind == "window":
-        return f"L{intensity.level:g}/W{intensity.width:g}"
-    return f"percentile {intensity.low_percentile:g}-{intensity.high_percentile:g}"
 
 
 def _noop_progress(done: int, total: int, message: str = "") -> None:
@@ -231,7 +226,7 @@ def run_benchmark(
         "device": str(getattr(segmenter, "device", device)),
         "protocol": proto.name,
         "axis": getattr(plane, "orientation", orientation),
-        "window": _window_text(intensity),
+        "window": intensity.describe(),
         "point_prompts": getattr(segmenter, "point_prompts", None),
         "strategy": strategy_name or "default",
         "jitter": float(jitter),
@@ -419,6 +414,29 @@ def list_cases(dataset_dir) -> List[tuple]:
     return cases
 
 
+def read_label_names(path) -> Optional[Dict[int, str]]:
+    """Label names {value: name} from a JSON file: {value: name} (labels.json), or a dataset's
+    dataset.json ("labels": MSD {"1": "liver"} or nnU-Net v2 {"liver": 1}); None without a path.
+    Value 0 (background) is dropped."""
+    if not path:
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise SlicerSAMError(f"cannot read label names from {path}: {exc}") from exc
+    if isinstance(data, dict) and "labels" in data and isinstance(data["labels"], dict):
+        data = data["labels"]
+        # MSD style is {"0": "background", "1": "liver"}; nnU-Net v2 is {"liver": 1}
+        if all(isinstance(v, int) for v in data.values()):
+            data = {v: k for k, v in data.items()}
+    try:
+        names = {int(k): str(v) for k, v in data.items()}
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise SlicerSAMError(f"{path}: expected a JSON object {{label value: name}}") from exc
+    names.pop(0, None)
+    return names
+
+
 def dataset_label_names(dataset_dir) -> Optional[Dict[int, str]]:
     """Label names from ``dataset.json`` (MSD {"1": "liver"} or nnU-Net v2 {"liver": 1})."""
     path = Path(dataset_dir) / "dataset.json"
@@ -553,10 +571,13 @@ def run_dataset(
     progress = progress or _noop_progress
     cancel = cancel or _never
     out = Path(out_dir)
-    (out / "cases").mkdir(parents=True, exist_ok=True)
+    # everything a run needs is checked before the results folder is made
     cases = list_cases(dataset_dir)
     if label_names is None:
         label_names = dataset_label_names(dataset_dir)
+    if out.exists() and not out.is_dir():
+        raise SlicerSAMError(f"{out} is a file; --output needs a folder for the results")
+    (out / "cases").mkdir(parents=True, exist_ok=True)
     kwargs = dict(kwargs)
     kwargs.pop("progress", None)
     if label_names is not None:

@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from SlicerSAM.benchmark import read_label_names
 from SlicerSAM.box_search import POINT_PROMPTS
+from SlicerSAM.console import print_table, progress_bar
 from SlicerSAM.errors import Cancelled, SlicerSAMError
 from SlicerSAM.protocols import PROTOCOLS_TEXT
 
@@ -58,7 +60,8 @@ def _add_slice_args(p: argparse.ArgumentParser) -> None:
         "--window",
         default="abdomen",
         help="intensity mapping: a preset (abdomen, lung, bone, brain, mediastinum), 'L,W' "
-        "(level,width in HU, e.g. 40,400), or 'mr' (0.5-99.5 %% percentiles of the volume)",
+        "(level,width in HU, e.g. 40,400), 'mr' (same as 'percentile': the volume's 0.5-99.5 %% "
+        "percentiles) or 'percentile:LOW,HIGH' (other percentiles, e.g. percentile:1,99)",
     )
     p.add_argument(
         "--cache-dir",
@@ -73,29 +76,6 @@ def _embedding_cache(args):
 
     directory = getattr(args, "cache_dir", None)
     return EmbeddingCache(disk_dir=directory) if directory else None
-
-
-def _progress_bar(desc: str, unit: str = "slice"):
-    """A progress(done, total, message) callback drawing a tqdm bar on stderr."""
-    from tqdm import tqdm
-
-    state = {"bar": None}
-
-    def progress(done: int, total: int, message: str = "") -> None:
-        bar = state["bar"]
-        if bar is None or bar.total != total:
-            if bar is not None:
-                bar.close()
-            bar = state["bar"] = tqdm(total=total, desc=desc, unit=unit, leave=False)
-        bar.n = done
-        if message:
-            bar.set_postfix_str(message, refresh=False)
-        bar.refresh()
-        if done >= total:
-            bar.close()
-            state["bar"] = None
-
-    return progress
 
 
 def _add_volume_args(p: argparse.ArgumentParser) -> None:
@@ -116,10 +96,22 @@ def _load_image(args, path: str | None = None):
     )
 
 
+def _check_model(args) -> None:
+    """Refuse, before any work, a model or device this run cannot have: an unknown model name,
+    a device that is not there, weights that are neither on disk nor allowed to download."""
+    from sam_core.device import select_device
+    from sam_core.zoo import get_spec, resolve_checkpoint
+
+    select_device(args.device)
+    get_spec(args.model)
+    if not getattr(args, "download", False):
+        resolve_checkpoint(args.model, args.checkpoint, allow_download=False)
+
+
 def _load_model(args):
     from sam_core.zoo import load_model
 
-    progress = _progress_bar("download", unit="B") if getattr(args, "download", False) else None
+    progress = progress_bar("download", unit="B") if getattr(args, "download", False) else None
     return load_model(
         args.model,
         args.checkpoint,
@@ -127,27 +119,6 @@ def _load_model(args):
         allow_download=getattr(args, "download", False),
         progress=progress,
     )
-
-
-def _read_label_names(path: str | None) -> dict[int, str] | None:
-    """Label names from a {value: name} JSON (labels.json) or an MSD dataset.json ("labels")."""
-    if not path:
-        return None
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise SlicerSAMError(f"cannot read label names from {path}: {exc}") from exc
-    if isinstance(data, dict) and "labels" in data and isinstance(data["labels"], dict):
-        data = data["labels"]
-        # MSD style is {"0": "background", "1": "liver"}; nnU-Net v2 is {"liver": 1}
-        if all(isinstance(v, int) for v in data.values()):
-            data = {v: k for k, v in data.items()}
-    try:
-        names = {int(k): str(v) for k, v in data.items()}
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise SlicerSAMError(f"{path}: expected a JSON object {{label value: name}}") from exc
-    names.pop(0, None)
-    return names
 
 
 def _ms(value, digits: int) -> str:
@@ -173,30 +144,21 @@ def _write_mask_output(path: str, labels, volume, segments, overwrite: bool) -> 
         write_labelmap(path, labels, volume, overwrite=overwrite)
 
 
-def _check_outputs(paths: Sequence[str | None], overwrite: bool) -> None:
+MASK_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd")
+
+
+def _check_outputs(paths: Sequence[tuple], overwrite: bool) -> None:
+    """Refuse, before any work, outputs that cannot be written: (path, suffixes) pairs, a path
+    None when not asked for. A missing output folder is created when the file is written; the
+    user is told so now."""
     from SlicerSAM.outputs import check_output_path
 
-    for path in paths:
+    for path, suffixes in paths:
         if path:
-            check_output_path(path, overwrite)
-
-
-def _print_table(structures: dict, out=None) -> None:
-    """Per-structure metrics as a fixed-width table (on stdout unless `out` is given)."""
-    out = out or sys.stdout
-    header = f"{'structure':<28} {'label':>5} {'dice':>6} {'iou':>6} {'hd95 mm':>8} {'nsd':>6}"
-    print(header, file=out)
-    print("-" * len(header), file=out)
-
-    def fmt(v, width, digits):
-        return f"{v:>{width}.{digits}f}" if isinstance(v, (int, float)) else f"{'-':>{width}}"
-
-    for name, m in structures.items():
-        print(
-            f"{name[:28]:<28} {m.get('label', ''):>5} {fmt(m.get('dice'), 6, 3)} "
-            f"{fmt(m.get('iou'), 6, 3)} {fmt(m.get('hd95_mm'), 8, 1)} {fmt(m.get('nsd'), 6, 3)}",
-            file=out,
-        )
+            check_output_path(path, overwrite, suffixes)
+    for path, _ in paths:
+        if path and not Path(path).parent.exists():
+            print(f"note: {Path(path).parent} does not exist; it is created for {path}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,7 +209,7 @@ def cmd_segment(args, propagate_default: bool = False) -> int:
 
     from SlicerSAM.reports import write_json
 
-    _check_outputs([args.output, args.json], args.overwrite)
+    _check_outputs([(args.output, MASK_SUFFIXES), (args.json, (".json",))], args.overwrite)
     t0 = time.perf_counter()
     volume = _load_image(args)
     prompts = _read_prompts(args.prompts) if args.prompts else None
@@ -257,11 +219,14 @@ def cmd_segment(args, propagate_default: bool = False) -> int:
         prompts = replace(prompts, index=args.slice)
     args.axis = args.axis or getattr(prompts, "orientation", None) or "axial"
     session = _session(args, volume, args.axis)
+    if prompts is not None:
+        session.plan(prompts)  # every prompt checked before the model loads
     keys = _mask_keys(args, volume, session) if getattr(args, "mask", None) else []
+    _check_model(args)
     results = session.set_prompts(prompts) if prompts is not None else {}
     stop_reasons = {}
     if args.propagate or propagate_default:
-        prop = session.propagate(progress=_progress_bar("propagate"))
+        prop = session.propagate(progress=progress_bar("propagate"))
         stop_reasons = prop.stop_reasons
         print(f"propagation: {prop.summary()}")
     grids = session.result()
@@ -351,7 +316,9 @@ def cmd_evaluate(args) -> int:
     from SlicerSAM.reports import plot_structure_dice, write_csv, write_json
     from SlicerSAM.volume import load_volume
 
-    _check_outputs([args.json, args.csv], args.overwrite)
+    _check_outputs([(args.json, (".json",)), (args.csv, (".csv",))], args.overwrite)
+    names = read_label_names(args.labels)
+    wanted = _chosen_labels(args, names)
     pred = load_volume(args.prediction)
     ref = load_volume(args.reference)
     if pred.shape != ref.shape or not np.allclose(pred.ijk_to_ras, ref.ijk_to_ras, atol=1e-3):
@@ -359,37 +326,65 @@ def cmd_evaluate(args) -> int:
             f"{args.prediction} and {args.reference} are not on the same grid "
             f"({pred.shape} vs {ref.shape}); resample the prediction first"
         )
-    names = _read_label_names(args.labels)
     pred_labels, ref_labels = np.asarray(pred.array), np.asarray(ref.array)
     # Only structures present in the prediction or the reference: a label file may name
     # a hundred classes, and "both empty" would report a meaningless perfect score.
     present = sorted(int(v) for v in np.union1d(np.unique(pred_labels), np.unique(ref_labels)))
+    labels = [v for v in present if v != 0]
+    if wanted is not None:
+        absent = [v for v in wanted if v not in present]
+        if absent:
+            raise SlicerSAMError(
+                f"label value(s) {absent} are in neither {args.prediction} nor {args.reference}"
+            )
+        labels = wanted
     results = evaluate_labels(
         pred_labels,
         ref_labels,
         ref.spacing,
         names or {},
         tolerance_mm=args.tolerance,
-        labels=[v for v in present if v != 0],
+        labels=labels,
     )
-    _print_table(results)
+    print_table(results)
     if args.json:
         write_json(args.json, {"structures": results}, overwrite=args.overwrite)
     if args.csv:
-        write_csv(args.csv, [{"structure": k, **v} for k, v in results.items()])
+        rows = [{"structure": k, **v} for k, v in results.items()]
+        write_csv(args.csv, rows, overwrite=args.overwrite)
     if args.plots:
         Path(args.plots).mkdir(parents=True, exist_ok=True)
         plot_structure_dice(results, Path(args.plots) / "structure_dice.png")
     return 0
 
 
+def _chosen_labels(args, names) -> list | None:
+    """The label values `evaluate` is restricted to (--structures NAME ..., --label N ...), or
+    None for every structure present; a name not in --labels is an error naming the choices."""
+    chosen = list(args.label_values or [])
+    if args.structures:
+        if not names:
+            raise SlicerSAMError("--structures needs --labels (a JSON {label value: name})")
+        by_name = {name: value for value, name in names.items()}
+        unknown = [name for name in args.structures if name not in by_name]
+        if unknown:
+            raise SlicerSAMError(
+                f"unknown structure(s) {', '.join(unknown)}; {args.labels} names: "
+                f"{', '.join(sorted(by_name))}"
+            )
+        chosen += [by_name[name] for name in args.structures]
+    return sorted(set(chosen)) if chosen else None
+
+
 def cmd_benchmark(args) -> int:
     from SlicerSAM import benchmark
     from SlicerSAM.intensity import parse_intensity
+    from SlicerSAM.protocols import parse_protocol
 
     args.axis = args.axis or "axial"
+    parse_protocol(args.protocol)
     intensity = parse_intensity(args.window)
-    names = _read_label_names(args.labels)
+    names = read_label_names(args.labels)
     if args.dataset:
         if not args.output:
             raise SlicerSAMError("--dataset needs --output DIR for per-case results and summary")
@@ -408,17 +403,25 @@ def cmd_benchmark(args) -> int:
             workers=args.workers,
             label_names=names,
             point_prompts=args.point_prompts,
-            progress=_progress_bar("cases", unit="case"),
+            progress=progress_bar("cases", unit="case"),
         )
         print(json.dumps({k: v for k, v in summary.items() if k != "structures"}, indent=1))
         return 0
     if not (args.image and args.reference):
         raise SlicerSAMError("benchmark needs IMAGE and REFERENCE, or --dataset DIR")
-    _check_outputs([args.json, args.csv, args.output], args.overwrite)
+    _check_outputs(
+        [(args.json, (".json",)), (args.csv, (".csv",)), (args.output, MASK_SUFFIXES)],
+        args.overwrite,
+    )
     from SlicerSAM.volume import load_volume
 
     image = _load_image(args)
     reference = load_volume(args.reference)
+    if reference.shape != image.shape:
+        raise SlicerSAMError(
+            f"{args.reference}: grid {reference.shape} differs from {args.image}'s {image.shape}"
+        )
+    _check_model(args)
     model = _load_model(args)
     result = benchmark.run_benchmark(
         image,
@@ -432,7 +435,7 @@ def cmd_benchmark(args) -> int:
         min_voxels=args.min_voxels,
         jitter=args.jitter,
         seed=args.seed,
-        progress=_progress_bar(args.protocol, unit="structure"),
+        progress=progress_bar(args.protocol, unit="structure"),
         cache=_embedding_cache(args),
         point_prompts=args.point_prompts,
     )
@@ -446,7 +449,7 @@ def cmd_benchmark(args) -> int:
         labels_path=args.output,
         overwrite=args.overwrite,
     )
-    _print_table(result["structures"])
+    print_table(result["structures"])
     t = result["timing"]
     before = result.get("mean_dice_before")
     print(
@@ -518,31 +521,45 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_segment if name == "segment" else cmd_propagate)
 
     p = sub.add_parser("evaluate", help="Dice, IoU, HD95, NSD of a label map against a reference")
-    p.add_argument("prediction")
-    p.add_argument("reference")
+    p.add_argument("prediction", help="predicted label map (NIfTI, NRRD, .seg.nrrd, ...)")
+    p.add_argument("reference", help="reference label map on the same grid")
     p.add_argument("--labels", help="JSON {label value: name}")
+    p.add_argument(
+        "--structures",
+        nargs="+",
+        metavar="NAME",
+        help="evaluate only these structures (names from --labels)",
+    )
+    p.add_argument(
+        "--label",
+        nargs="+",
+        type=int,
+        dest="label_values",
+        metavar="N",
+        help="evaluate only these label values",
+    )
     p.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm")
-    p.add_argument("--json")
-    p.add_argument("--csv")
+    p.add_argument("--json", help="write the metrics to this JSON file")
+    p.add_argument("--csv", help="write the metrics to this CSV file (one row per structure)")
     p.add_argument("--plots", help="folder for PNG plots")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("benchmark", help="run a prompt protocol against reference labels")
-    p.add_argument("image", nargs="?")
-    p.add_argument("reference", nargs="?")
+    p.add_argument("image", nargs="?", help="volume to segment (or use --dataset)")
+    p.add_argument("reference", nargs="?", help="reference label map on the image grid")
     p.add_argument("--protocol", required=True, help=PROTOCOLS_TEXT)
     p.add_argument("--dataset", help="nnU-Net/MSD folder (imagesTr/, labelsTr/): every case")
     p.add_argument("--workers", type=int, default=1, help="processes for --dataset")
     p.add_argument("--labels", help="JSON {label value: name} (or the dataset's dataset.json)")
     p.add_argument("--min-voxels", type=int, default=200, help="skip smaller structures")
     p.add_argument("--jitter", type=float, default=0.0, help="box jitter in pixels (seeded)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json")
-    p.add_argument("--csv")
+    p.add_argument("--seed", type=int, default=0, help="seed of the box jitter")
+    p.add_argument("--json", help="write the results (per structure, means, timing) as JSON")
+    p.add_argument("--csv", help="write one row per structure as CSV")
     p.add_argument("--plots", help="folder for PNG plots")
     p.add_argument("--output", help="predicted label map (or the results folder with --dataset)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_model_args(p)
     _add_slice_args(p)
     _add_volume_args(p)
@@ -550,15 +567,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="segment the bundled sample (or --image/--labels) with the default model and "
-        "report Dice/IoU per structure",
+        help="segment the bundled sample CT (or --image/--labels, or --phantom) with the default "
+        "model and report Dice/IoU per structure against its reference labels",
     )
-    p.add_argument("--image", help="a real volume instead of the synthetic phantom")
+    p.add_argument("--image", help="another volume instead of the bundled sample CT")
     p.add_argument("--labels", help="reference label map for --image")
+    p.add_argument(
+        "--phantom",
+        action="store_true",
+        help="the engine's synthetic CT-like phantom instead of the bundled sample CT",
+    )
     p.add_argument("--names", help="JSON {label value: name} for --labels")
     p.add_argument("--output", default="slicersam-demo", help="output folder (a run sub-folder)")
     p.add_argument(
-        "--protocol", default="keyslice-box", help="prompt protocol (" + PROTOCOLS_TEXT + ")"
+        "--protocol", default="box-propagate", help="prompt protocol (" + PROTOCOLS_TEXT + ")"
     )
     p.add_argument("--min-voxels", type=int, default=200)
     _add_model_args(p)
@@ -581,10 +603,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Cancelled:
-        print("cancelled: nothing was written", file=sys.stderr)
+        print("\ncancelled: nothing was written", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
+        # on a line of its own: a progress bar may hold the current one
+        print("\ninterrupted: nothing was written", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         from sam_core.errors import CheckpointError

@@ -1,13 +1,12 @@
 """`python -m SlicerSAM demo`: the main job on the bundled default, end to end.
 
-Segments a sample volume with the default model (LiteMedSAM, CPU or GPU automatically) using the
-`keyslice-box` protocol (one box on each structure's largest slice, then propagation through the
-volume: what a radiologist does), evaluates against the sample's reference labels, prints a
-per-structure Dice/IoU table and writes the segmentation (`.seg.nrrd` and NIfTI), the metrics
-(JSON, CSV) and an overlay PNG into a fresh run folder.
-
-Without `--image` the sample is the engine's synthetic CT-like phantom (SlicerSAM/phantom.py), so
-the demo works on a fresh clone with no data; the output says so plainly.
+Segments the bundled sample, a real abdominal CT with reference labels (``SlicerSAM/sample``:
+TotalSegmentator's test reference files, Apache-2.0), with the default model (LiteMedSAM, CPU or
+GPU automatically) using the ``box-propagate`` protocol (one box on each structure's largest
+slice, then propagation through the volume: what a radiologist does), evaluates against the
+reference labels, prints a per-structure Dice/IoU table and writes the segmentation
+(``.seg.nrrd`` and NIfTI), the metrics (JSON, CSV) and an overlay PNG into a fresh run folder.
+``--image/--labels`` run it on other data; ``--phantom`` on the engine's synthetic phantom.
 """
 
 from __future__ import annotations
@@ -18,6 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from SlicerSAM.errors import SlicerSAMError
+
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
+SAMPLE_DESCRIPTION = (
+    "the bundled sample: an abdominal CT (3 mm) with TotalSegmentator's reference labels "
+    "(SlicerSAM/sample/README.md)"
+)
 
 # Distinct, Slicer-like colours for the written segments (RGB 0..1), cycled by label.
 _PALETTE = [
@@ -34,13 +39,15 @@ _PALETTE = [
 
 def _load_inputs(args):
     """(image Volume, labels Volume, names, description) from --image/--labels or the phantom."""
-    from SlicerSAM.cli import _load_image, _read_label_names
+    from SlicerSAM.benchmark import read_label_names
     from SlicerSAM.volume import load_volume
 
     if args.image:
         if not args.labels:
             raise SlicerSAMError("demo --image needs --labels (a reference label map on its grid)")
-        image = _load_image(args)
+        image = load_volume(
+            args.image, series=args.series, timepoint=args.timepoint, component=args.component
+        )
         labels = load_volume(args.labels)
         if labels.shape != image.shape:
             raise SlicerSAMError(
@@ -50,11 +57,17 @@ def _load_inputs(args):
         if names_path is None:
             guess = Path(args.labels).with_name("labels.json")
             names_path = str(guess) if guess.is_file() else None
-        names = _read_label_names(names_path)
+        names = read_label_names(names_path)
         if names is None:
             values = np.unique(np.asarray(labels.array))
             names = {int(v): f"label {int(v)}" for v in values if v != 0}
         return image, labels, names, f"{args.image} (reference {args.labels})"
+    if not getattr(args, "phantom", False):
+        sample = SAMPLE_DIR
+        image = load_volume(sample / "ct.nii.gz")
+        labels = load_volume(sample / "labels.nii.gz")
+        names = read_label_names(str(sample / "labels.json"))
+        return image, labels, names, SAMPLE_DESCRIPTION
     from SlicerSAM.phantom import make_phantom
 
     phantom = make_phantom()
@@ -77,7 +90,7 @@ def _run_folder(base: str) -> Path:
 def run_demo(args) -> int:
     from sam_core.zoo import load_model
     from SlicerSAM.benchmark import run_benchmark, write_benchmark_outputs
-    from SlicerSAM.cli import _print_table, _progress_bar
+    from SlicerSAM.console import print_table, progress_bar
     from SlicerSAM.intensity import parse_intensity
 
     args.axis = args.axis or "axial"
@@ -99,7 +112,7 @@ def run_demo(args) -> int:
         f"checkpoint sha256 {model.checkpoint_sha256[:12]}..."
     )
     print(f"device:   {next(model.parameters()).device}")
-    print(f"protocol: {args.protocol}, {args.axis}, intensity {intensity.signature()}\n")
+    print(f"protocol: {args.protocol}, {args.axis}, window {intensity.describe()}\n")
 
     result = run_benchmark(
         image,
@@ -111,7 +124,7 @@ def run_demo(args) -> int:
         orientation=args.axis,
         intensity=intensity,
         min_voxels=args.min_voxels,
-        progress=_progress_bar(args.protocol, unit="structure"),
+        progress=progress_bar(args.protocol, unit="structure"),
         point_prompts=args.point_prompts,
     )
     out = _run_folder(args.output)
@@ -130,7 +143,7 @@ def run_demo(args) -> int:
         segmentation_path=out / "segmentation.seg.nrrd",
         segments=segments,
     )
-    _print_table(result["structures"])
+    print_table(result["structures"])
     t = result["timing"]
     print(
         f"\nmean Dice {result['mean_dice']:.3f}, mean IoU {result['mean_iou']:.3f} over "
@@ -142,10 +155,10 @@ def run_demo(args) -> int:
         f"prompt; propagation and evaluation {t['wall_s']:.1f} s in all; peak memory "
         f"{t['peak_rss_mb']:.0f} MB"
     )
-    if not getattr(args, "image", None):
+    if getattr(args, "phantom", False):
         print(
             "NOTE:     the sample is a SYNTHETIC phantom generated by SlicerSAM, not a patient "
-            "scan; run `demo --image CT --labels LABELS` on real data."
+            "scan."
         )
     print(
         f"outputs:  {out}/ (segmentation.seg.nrrd, segmentation.nii.gz, overlay.png, "

@@ -105,6 +105,12 @@ class IntensityMapping:
         scaled = (values - np.float32(lo)) * np.float32(255.0 / (hi - lo))
         return np.rint(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
 
+    def describe(self) -> str:
+        """The mapping for people, as reports print it: 'L40/W400' or 'percentile 0.5-99.5'."""
+        if self.kind == "window":
+            return f"L{self.level:g}/W{self.width:g}"
+        return f"percentile {self.low_percentile:g}-{self.high_percentile:g}"
+
     def signature(self) -> str:
         """A stable text identifying the mapping (used in cache keys), e.g. 'window:L40:W400'."""
         if self.kind == "window":

@@ -149,6 +149,35 @@ def write_segmentation(
     return path
 
 
+def read_segmentation(path: PathLike):
+    """A Slicer segmentation (.seg.nrrd) as ``(labels, segments, ijk_to_ras)``.
+
+    ``labels``: (K, J, I) integer array on the segmentation's own grid (its extent, which Slicer
+    may crop to the segments' bounding box: ``ijk_to_ras`` says where it lies); ``segments``:
+    ``[(value, name, (r, g, b))]``. Segments on separate layers that overlap cannot be one label
+    array: an OutputError says so.
+    """
+    import slicerio
+
+    path = Path(path)
+    try:
+        segmentation = slicerio.read_segmentation(str(path))
+    except Exception as exc:  # pynrrd raises its own errors for malformed headers
+        raise OutputError(f"cannot read the segmentation {path}: {exc}") from exc
+    voxels = np.asarray(segmentation["voxels"])
+    if voxels.ndim == 4:  # one layer per segment group: merge, refusing overlaps
+        if np.count_nonzero(voxels, axis=3).max(initial=0) > 1:
+            raise OutputError(f"{path}: its segments overlap; read it as separate layers")
+        voxels = voxels.sum(axis=3)
+    labels = voxels.transpose(2, 1, 0)  # [i, j, k] -> (K, J, I)
+    ijk_to_ras = flip_lps_ras(np.asarray(segmentation["ijkToLPS"], dtype=np.float64))
+    segments = [
+        (int(s["labelValue"]), str(s["name"]), tuple(float(c) for c in s.get("color", (1, 1, 1))))
+        for s in segmentation["segments"]
+    ]
+    return labels, segments, ijk_to_ras
+
+
 # ---------------------------------------------------------------------------------------------
 
 

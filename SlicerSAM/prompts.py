@@ -60,6 +60,9 @@ ORIENTATIONS = ("axial", "coronal", "sagittal")
 # Slack on "within half a voxel": positions saved as text (markups, JSON) lose a few digits, and a
 # point Slicer put exactly on a slice centre must not fail by 1e-9 of a voxel.
 _TOLERANCE_VOXELS = 1e-3
+# A box narrower or lower than this (model-image pixels, between its corners' pixel centres) has
+# no area: a point or a line, not a region the model can segment.
+_MIN_BOX_PIXELS = 1e-3
 
 Vec3 = Tuple[float, float, float]
 
@@ -290,11 +293,12 @@ def _check_points_inside(points: Sequence[Point], kji: np.ndarray, frame: str, v
     lo, hi = -0.5 - _TOLERANCE_VOXELS, shape - 0.5 + _TOLERANCE_VOXELS
     for n, (p, v) in enumerate(zip(points, kji)):
         if np.any(v < lo) or np.any(v > hi):
-            unit = "mm RAS" if frame == "ras" else "voxel (k, j, i)"
-            raise PromptError(
-                f"point {n} at {_fmt(p.position)} {unit} is outside the volume: voxel (k, j, i) = "
-                f"{_fmt(v)}, while {_extent_text(volume)}"
+            where = (
+                f"at {_fmt(p.position)} mm RAS (voxel (k, j, i) {_fmt(v)})"
+                if frame == "ras"
+                else f"at voxel (k, j, i) {_fmt(v)}"
             )
+            raise PromptError(f"point {n} {where} is outside the volume: {_extent_text(volume)}")
 
 
 def _box_kji_corners(box: Box, volume: Volume, frame: Optional[str] = None) -> np.ndarray:
@@ -353,10 +357,19 @@ def roi_on_plane(
 
 
 def _rectangle(xy: np.ndarray, plane: SlicePlane) -> np.ndarray:
-    """The XYXY rectangle (4,) float32 around points (N, 2), clipped to the model image."""
+    """The XYXY rectangle (4,) float32 around points (N, 2) (a box's corners), clipped to the
+    model image; PromptError when it has no area (a box of zero size, or one left with no width
+    or height inside the image)."""
     h, w = plane.image_shape
     x0, y0 = xy.min(axis=0)
     x1, y1 = xy.max(axis=0)
+    width = min(x1, w - 1) - max(x0, 0)
+    height = min(y1, h - 1) - max(y0, 0)
+    if width < _MIN_BOX_PIXELS or height < _MIN_BOX_PIXELS:
+        raise PromptError(
+            f"the box has zero size: it spans {max(width, 0):.1f} x {max(height, 0):.1f} pixels "
+            f"of the {plane.orientation} slices; draw it around the structure"
+        )
     return np.array(
         [
             np.clip(x0, 0, w - 1),

@@ -45,14 +45,9 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
+from SlicerSAM.mask_geometry import box_of_mask, clip_box, grid_to_image_mask, interior_point
 from SlicerSAM.prompts import SlicePrompts
-from SlicerSAM.propagation import (
-    StopRules,
-    _clip_box,
-    _grid_to_image_mask,
-    box_of_mask,
-    interior_point,
-)
+from SlicerSAM.stop_rules import StopRules
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +151,7 @@ def jitter_box(box: np.ndarray, jitter: float, rng: Optional[np.random.Generator
     x0, x1 = sorted((moved[0], moved[2]))
     y0, y1 = sorted((moved[1], moved[3]))
     x1, y1 = max(x1, x0 + 1.0), max(y1, y0 + 1.0)
-    return _clip_box(np.array([x0, y0, x1, y1]), plane.image_shape)
+    return clip_box(np.array([x0, y0, x1, y1]), plane.image_shape)
 
 
 def reference_box(plane, mask2d: np.ndarray, jitter: float = 0.0, rng=None):
@@ -353,7 +348,7 @@ def run_workflow(
             # the click on the slice where the structure is largest, after the ROI's result is
             # shown: a correction of that slice (nothing changes where the mask holds it)
             key = largest_slice(plane, mask3d)
-            x, y = interior_point(_grid_to_image_mask(plane, plane.grid(mask3d, key)))
+            x, y = interior_point(grid_to_image_mask(plane, plane.grid(mask3d, key)))
             session.add_click(key, (x, y), positive=True)
             propagate(stop=rules)
         return Workflow(session.result())
@@ -364,7 +359,7 @@ def run_workflow(
         if kind == "box-propagate":
             session.segment(SlicePrompts(key, box_xyxy=reference_box(plane, ref, jitter, rng)))
         else:
-            x, y = interior_point(_grid_to_image_mask(plane, ref))
+            x, y = interior_point(grid_to_image_mask(plane, ref))
             session.segment(SlicePrompts(key, points_xy=[[x, y]], point_labels=[1]))
         propagate()
         if kind != "click-correct":
@@ -407,7 +402,7 @@ def worst_slice_click(
         return None
     ref = np.asarray(plane.grid(mask3d, index), dtype=bool)
     pred = np.asarray(masks.get(index, empty), dtype=bool)
-    click = error_click(_grid_to_image_mask(plane, pred), _grid_to_image_mask(plane, ref))
+    click = error_click(grid_to_image_mask(plane, pred), grid_to_image_mask(plane, ref))
     return None if click is None else (index, click[0], click[1], click[2])
 
 
@@ -427,11 +422,11 @@ def _clicks_on_slice(session, plane, index: int, ref: np.ndarray, n_clicks: int)
     interior point, each next one at the largest error region of the session's current mask of
     the slice; each click is added to the slice's prompts (:meth:`InteractiveSession.add_click`:
     a correction of the mask the earlier clicks gave)."""
-    ref_img = _grid_to_image_mask(plane, ref)
+    ref_img = grid_to_image_mask(plane, ref)
     for _ in range(n_clicks):
         key = session.keys.get(index)
         mask = key.mask if key is not None else np.zeros(plane.grid_shape, dtype=bool)
-        click = error_click(_grid_to_image_mask(plane, mask), ref_img)
+        click = error_click(grid_to_image_mask(plane, mask), ref_img)
         if click is None:
             break
         session.add_click(index, click[:2], positive=bool(click[2]))

@@ -568,9 +568,9 @@ class InteractiveSession:
         """Whether every click of ``prompts`` is on the right side of ``mask`` (the click's own
         pixel: positive inside, negative outside)."""
         from SlicerSAM.box_search import honours_all
-        from SlicerSAM.propagation import _grid_to_image_mask
+        from SlicerSAM.mask_geometry import grid_to_image_mask
 
-        image = _grid_to_image_mask(self.plane, mask)
+        image = grid_to_image_mask(self.plane, mask)
         return honours_all(image, prompts.points_xy, prompts.point_labels, tolerance=0.0)
 
     def _as_result(self, index: int, mask: np.ndarray):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
+import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -86,11 +88,22 @@ def load_state_dict_safely(path: PathLike, expected_arch_name: str) -> dict[str,
         )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, OSError...
+    except pickle.UnpicklingError as exc:
+        # weights_only refused what the pickle would build: code or objects, never run. Torch's
+        # message advises turning weights_only off; that advice is not passed on.
+        found = re.search(r"(Unsupported global: [^\n]*|GLOBAL [\w.]+)", str(exc))
+        raise CheckpointError(
+            f"Checkpoint {path} for model {expected_arch_name!r} holds Python code or objects "
+            "besides weights, which SlicerSAM does not load (it reads tensors only, so nothing "
+            f"in the file ran){': ' + found.group(1) if found else ''}. Use the model's "
+            "official weights file."
+        ) from exc
+    except Exception as exc:  # torch raises RuntimeError, EOFError, OSError...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CheckpointError(
             f"Cannot read checkpoint {path} for model {expected_arch_name!r} "
             f"({path.stat().st_size} bytes): the file is truncated, corrupted or not a PyTorch "
-            f"weights file ({type(exc).__name__}: {exc})"
+            f"weights file ({type(exc).__name__}: {first})"
         ) from exc
     obj = _unwrap(obj)
     if not isinstance(obj, Mapping) or not obj:

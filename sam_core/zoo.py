@@ -289,9 +289,10 @@ def resolve_checkpoint(
         )
     if not allow_download:
         raise CheckpointError(
-            f"Model {name!r} is not in the cache ({cached}). Allow the download "
-            f"(allow_download=True; {spec.size_bytes / 1e6:.0f} MB from {spec.url}), or pass a "
-            f"local checkpoint file path."
+            f"Model {name!r} is not in the cache ({cached}). Allow the download of "
+            f"{spec.size_bytes / 1e6:.0f} MB from {spec.url} (--download on the command line, "
+            f"allow_download=True in Python), or pass a local checkpoint file "
+            f"(--checkpoint FILE)."
         )
     path = _checkpoint.download(
         spec.url, cached, spec.sha256, spec.size_bytes, progress=progress, name=name

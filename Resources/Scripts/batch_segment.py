@@ -10,12 +10,15 @@ Run with Slicer's own Python and no main window::
 
 The markups file (.mrk.json) holds the prompts: point lists (positive, or negative when the list
 or point is named "neg"/"negative"/"background", see SlicerSAM/markups.py) and/or one ROI box.
-All points must lie on one slice; a box thicker than one slice also bounds ``--direction roi``.
+Points may lie on several slices (each a key slice); a box thicker than one slice is a region of
+interest that bounds every mask and the propagation (docs/prompts.md, "How prompts combine").
 
-It uses only ``SlicerSAMLogic`` (the module's Logic works without its widget), so what this
-script does is what the module's buttons do. ``--install`` lets it install missing Python
-packages (PyTorch through the PyTorch extension) without asking; ``--download`` allows the
-download of model weights that are not cached yet. Exit status 0 on success, 1 on error.
+It uses only ``SlicerSAMLogic`` (the module's Logic works without its widget, and without the
+application: files are read and written by Slicer's logics and storage nodes,
+``SlicerSAMLib.storage``), so what this script does is what the module's buttons do.
+``--install`` lets it install missing Python packages (PyTorch through the PyTorch extension)
+without asking; ``--download`` allows the download of model weights that are not cached yet.
+Exit status 0 on success, 1 on error.
 """
 
 import argparse
@@ -53,14 +56,17 @@ def progress(done, total, message=""):
 
 
 def load_reference(path):
+    from SlicerSAMLib import storage
+
     if path.endswith(".seg.nrrd"):
-        return slicer.util.loadSegmentation(path)
-    return slicer.util.loadLabelVolume(path)
+        return storage.loadSegmentation(path)
+    return storage.loadVolume(path, labelmap=True)
 
 
 def run(args):
     from SlicerSAM import SlicerSAMLogic  # the loaded module (SlicerSAM.py), not the engine
     from SlicerSAM.markups import read_markups
+    from SlicerSAMLib import storage
 
     logic = SlicerSAMLogic()
     logic.logCallback = print
@@ -72,7 +78,7 @@ def run(args):
     logic.setModel(args.model, args.checkpoint, device=args.device)
     logic.allowDownload = args.download
     logic.setOrientation(args.orientation)
-    volume_node = slicer.util.loadVolume(args.volume)
+    volume_node = storage.loadVolume(args.volume)
     logic.setVolume(volume_node, logic.intensityForChoice(args.window) if args.window else None)
     download = logic.modelDownload()
     if download is not None and not args.download:
@@ -84,11 +90,9 @@ def run(args):
     logic.loadModel(progress=progress)
 
     prompts = read_markups(args.markups)
-    result = logic.segmentSlice(prompts=prompts)
-    print(
-        f"key slice {result.index}: predicted IoU {float(result.iou[result.best]):.3f}, "
-        f"{int(result.mask.sum())} pixels"
-    )
+    logic.segmentSlice(prompts=prompts)
+    for index, key in sorted(logic.keyMasks.items()):
+        print(f"key slice {index}: {int(key.mask.sum())} pixels")
     if args.direction != "none":
         logic.propagate(direction=args.direction, progress=progress)
 
@@ -96,8 +100,7 @@ def run(args):
     segment_id = logic.addSegment(segmentation, args.name)
     region = logic.accept(segmentation, segment_id)
     print(f"changed region (k, j, i): {region}")
-    if not slicer.util.saveNode(segmentation, args.output):
-        raise RuntimeError(f"could not write {args.output}")
+    storage.saveSegmentation(segmentation, args.output)
     print(f"wrote {args.output}")
 
     if args.reference:

@@ -1,6 +1,6 @@
 """IntensityContrast (which values belong to a structure) and the propagation re-fit that uses it.
 
-The situation it was built for (docs/propagation.md, seventh session): a rib's key mask also
+The situation it was built for (docs/propagation.md, "The re-fit"): a rib's key mask also
 holds some of the muscle under it; the rib moves a pixel per slice along the muscle. A value
 range read off the mask accepts muscle, so the re-fitted region (and the next box) slides onto
 the muscle; the contrast with the ring around the key mask accepts only the rib's values.
@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from SlicerSAM.contrast import IntensityContrast, ring_around
-from SlicerSAM.propagation import PropagationStrategy, StopRules, _Context, _Key
+from SlicerSAM.propagation import PropagationStrategy, StopRules
 from SlicerSAM.slicing import plane_for
 from SlicerSAM.volume import Volume
+from SlicerSAM.walk import Context, Key
 
 FAT, MUSCLE, BONE = -100.0, 50.0, 300.0
 
@@ -92,8 +93,8 @@ def test_refit_follows_the_rib_not_the_muscle_its_key_mask_held(match):
     key_grid = np.asarray(plane.grid(np.asarray(key_mask[None].repeat(2, 0)), 0), dtype=bool)
     rib_grid = np.asarray(plane.grid(np.asarray(rib1[None].repeat(2, 0)), 1), dtype=bool)
     strategy = PropagationStrategy(grow_match=match)
-    ctx = _Context(segmenter, strategy, StopRules(), None, lambda *a: None, lambda: False, 1)
-    key = _Key(0, key_grid, ctx.to_image(key_grid), None, int(key_grid.sum()))
+    ctx = Context(segmenter, strategy, StopRules(), None, lambda *a: None, lambda: False, 1)
+    key = Key(0, key_grid, ctx.to_image(key_grid), None, int(key_grid.sum()))
     contrast = ctx.contrast(key)
     assert (contrast is not None) == (match == "contrast")
     region = ctx.region_for(1, 0, key.image, contrast)

@@ -1,4 +1,4 @@
-"""`python -m SlicerSAM demo` on a fresh clone: synthetic phantom, default model, outputs."""
+"""`python -m SlicerSAM demo` on a fresh clone: the bundled CT, or the phantom on request."""
 
 from __future__ import annotations
 
@@ -10,8 +10,27 @@ from SlicerSAM.cli import main
 
 
 @pytest.mark.slow
-def test_demo_segments_the_phantom_and_writes_every_output(litemedsam_checkpoint, tmp_path, capsys):
+def test_demo_segments_the_bundled_ct_against_its_reference_labels(
+    litemedsam_checkpoint, tmp_path, capsys
+):
+    """What the README's first command runs: the real CT that ships with the package, no
+    ../shared needed; Dice against TotalSegmentator's reference labels."""
     assert main(["demo", "--output", str(tmp_path), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "abdominal CT" in out and "SYNTHETIC" not in out
+    (run,) = list(tmp_path.iterdir())
+    result = json.loads((run / "results.json").read_text())
+    assert result["protocol"] == "box-propagate" and len(result["structures"]) == 29
+    for name in ("spleen", "liver", "kidney_left", "kidney_right", "aorta"):
+        assert result["structures"][name]["dice"] > 0.85, name
+    assert result["mean_dice"] > 0.5
+    assert (run / "segmentation.seg.nrrd").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_demo_segments_the_phantom_and_writes_every_output(litemedsam_checkpoint, tmp_path, capsys):
+    argv = ["demo", "--phantom", "--protocol", "keyslice-box", "--output", str(tmp_path)]
+    assert main(argv + ["--device", "cpu"]) == 0
     out = capsys.readouterr().out
     # the output says which data, model and device it used, and how long things took
     assert "SYNTHETIC" in out

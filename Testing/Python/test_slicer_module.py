@@ -34,6 +34,7 @@ from SlicerSAM.errors import PromptError
 
 MODULE_FILE = ROOT / "SlicerSAM.py"
 ENGINE_DIRS = ("SlicerSAM", "sam_core")
+MODULE_DIRS = ENGINE_DIRS + ("SlicerSAMLib",)  # what the extension installs next to SlicerSAM.py
 GUI_MODULES = {"slicer", "qt", "ctk", "vtk", "vtkmodules", "PythonQt", "SampleData", "PyTorchUtils"}
 API_CHECKER = SHARED / "tools" / "check_slicer_api.py"
 
@@ -44,9 +45,9 @@ def _clean_env():
     return env
 
 
-def _engine_files():
+def _engine_files(folders=ENGINE_DIRS):
     files = []
-    for folder in ENGINE_DIRS:
+    for folder in folders:
         files += [
             p.relative_to(ROOT).as_posix()
             for p in (ROOT / folder).rglob("*.py")
@@ -397,7 +398,7 @@ def _cmake_text():
 
 def test_cmake_lists_every_engine_python_file_and_only_existing_ones():
     listed = set(re.findall(r"[\w./-]+\.py\b", _cmake_text()))
-    engine = set(_engine_files())
+    engine = set(_engine_files(MODULE_DIRS))
     missing = sorted(engine - listed)
     assert not missing, f"not listed in CMakeLists.txt (would vanish from the extension): {missing}"
     absent = sorted(p for p in listed if not (ROOT / p).is_file())
@@ -409,7 +410,11 @@ def test_cmake_lists_resources_and_registers_the_self_test():
     text = _cmake_text()
     for resource in re.findall(r"\b(Resources/[\w./-]+)", text):
         assert (ROOT / resource).is_file(), resource
-    for name in ("Resources/Icons/SlicerSAM.png", "Resources/requirements.txt"):
+    for name in (
+        "Resources/Icons/SlicerSAM.png",
+        "Resources/requirements.txt",
+        "Resources/UI/SlicerSAM.ui",
+    ):
         assert name in text
     assert re.search(r"slicer_add_python_unittest\(\s*SCRIPT\s+\$\{MODULE_NAME\}\.py", text)
     assert re.search(r"set\(MODULE_NAME\s+SlicerSAM\)", text)
@@ -430,7 +435,11 @@ def test_slicer_facing_code_uses_only_known_slicer_api():
     if not API_CHECKER.is_file():
         pytest.skip(f"{API_CHECKER} not found (../shared is present in CI)")
     files = [str(MODULE_FILE)] + sorted(
-        str(p) for p in (ROOT / "Resources" / "Scripts").glob("*.py")
+        str(p)
+        for p in [
+            *(ROOT / "Resources" / "Scripts").glob("*.py"),
+            *(ROOT / "SlicerSAMLib").glob("*.py"),
+        ]
     )
     result = subprocess.run(
         [sys.executable, str(API_CHECKER), *files], capture_output=True, text=True, timeout=120
@@ -463,7 +472,7 @@ def test_engine_and_sam_core_never_import_slicer_qt_ctk_vtk():
 
 def _slicer_imported_files():
     scripts = sorted((ROOT / "Resources" / "Scripts").glob("*.py"))
-    return [MODULE_FILE, *scripts, *(ROOT / rel for rel in _engine_files())]
+    return [MODULE_FILE, *scripts, *(ROOT / rel for rel in _engine_files(MODULE_DIRS))]
 
 
 def test_code_slicer_imports_is_python_39_syntax():
@@ -752,3 +761,35 @@ def test_run_polling_keeps_polling_while_the_work_runs_and_returns_its_result():
 
     with pytest.raises(Cancelled):
         bridge.run_polling(cancellable, press_cancel, interval_s=0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# (g) the panel: Resources/UI/SlicerSAM.ui holds every widget the module reaches
+# ---------------------------------------------------------------------------------------------
+def test_the_ui_file_holds_every_widget_the_module_uses():
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(ROOT / "Resources" / "UI" / "SlicerSAM.ui").getroot()
+    widgets = {w.get("name"): w.get("class") for w in root.iter("widget")}
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
+    used |= set(
+        re.findall(r'"(\w+(?:Selector|Combo|Button|Check|Edit|Place))"', MODULE_FILE.read_text())
+    )
+    assert used and not sorted(used - set(widgets)), sorted(used - set(widgets))
+    declared = {c.findtext("class") for c in root.iter("customwidget")}
+    qt_classes = {"QComboBox", "QPushButton", "QLabel", "QCheckBox", "QWidget"}
+    assert set(widgets.values()) - qt_classes <= declared
+    # the scene reaches every MRML widget through the top widget's signal
+    receivers = {c.findtext("receiver") for c in root.iter("connection")}
+    mrml = {
+        n for n, c in widgets.items() if c.startswith(("qMRML", "qSlicer")) and n != "SlicerSAM"
+    }
+    assert mrml <= receivers, sorted(mrml - receivers)
+    # widgets bound to the parameter node name existing parameters
+    params = {
+        p.findtext("string")
+        for p in root.iter("property")
+        if p.get("name") == "SlicerParameterName"
+    }
+    annotated = set(re.findall(r"^    (\w+):", MODULE_FILE.read_text(), re.M))
+    assert params and params <= annotated, sorted(params - annotated)

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_stop_rules import case_parser, open_case  # noqa: E402
+from bench_common import case_parser, open_case  # noqa: E402
 
 from SlicerSAM.box_search import (  # noqa: E402
     HALF_SIZES_MM,

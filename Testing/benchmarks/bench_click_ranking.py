@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_stop_rules import case_parser, open_case  # noqa: E402
+from bench_common import case_parser, open_case  # noqa: E402
 
 import SlicerSAM.box_search as box_search  # noqa: E402
 from SlicerSAM.prompts import SlicePrompts  # noqa: E402

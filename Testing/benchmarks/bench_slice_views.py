@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_stop_rules import DATA, load_case  # noqa: E402
+from bench_common import DATA, load_case  # noqa: E402
 
 from SlicerSAM import protocols as P  # noqa: E402
 

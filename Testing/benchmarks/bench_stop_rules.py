@@ -35,9 +35,7 @@ docs/propagation.md ("Stopping") quotes its output. Run from the repository root
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import sys
 import time
 from dataclasses import replace
@@ -47,10 +45,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, also when imported
+
+from bench_common import case_parser, open_case  # noqa: E402
 
 from SlicerSAM import protocols as P  # noqa: E402
-from SlicerSAM.cache import EmbeddingCache  # noqa: E402
-from SlicerSAM.intensity import parse_intensity  # noqa: E402
 from SlicerSAM.prompts import SlicePrompts  # noqa: E402
 from SlicerSAM.propagation import (  # noqa: E402
     NO_STOP,
@@ -59,10 +58,6 @@ from SlicerSAM.propagation import (  # noqa: E402
     feature_similarity,
     propagate,
 )
-from SlicerSAM.segmenter import Segmenter  # noqa: E402
-from SlicerSAM.volume import load_volume  # noqa: E402
-
-DATA = ROOT.parent / "shared" / "data" / "ct-abdomen-3mm"
 
 
 class _Recorder:
@@ -105,7 +100,7 @@ def logit_signals(logits: np.ndarray):
     of SAM's automatic mask generator, area(logits > 1) / area(logits > -1), and the same band
     per pixel of the mask's outline, (area(> -1) - area(> 1)) / outline pixels of (> 0), a
     boundary width in low-res pixels that does not shrink with the mask's size. (1.0, 0.0) for
-    an empty mask. Candidate stop signals (docs/propagation.md, sixth session)."""
+    an empty mask. Candidate stop signals (docs/propagation.md, "When a walk stops")."""
     inner, outer, mask = logits > 1.0, logits > -1.0, logits > 0.0
     if not outer.any() or not mask.any():
         return 1.0, 0.0
@@ -260,43 +255,6 @@ def _strategy(text: str):
     return replace(base, **kwargs)
 
 
-def load_case(axis: str, window: str, cache=None):
-    """(LiteMedSAM Segmenter on the CPU over the sample CT, the reference label map as an int64
-    array on the CT's voxel grid, {label value: structure name}) for the benchmarks on ``DATA``;
-    ``cache``: an EmbeddingCache to share (None: a private one)."""
-    image = load_volume(DATA / "ct.nii.gz")
-    reference = np.asarray(load_volume(DATA / "labels.nii.gz").array).astype(np.int64)
-    names = {int(k): v for k, v in json.loads((DATA / "labels.json").read_text()).items()}
-    segmenter = Segmenter(
-        image,
-        "litemedsam",
-        orientation=axis,
-        intensity=parse_intensity(window),
-        device="cpu",
-        cache=cache,
-    )
-    return segmenter, reference, names
-
-
-def case_parser(description: str) -> argparse.ArgumentParser:
-    """The options of the benchmarks on ``DATA``: --axis, --window, --cache-dir."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"))
-    parser.add_argument("--window", default="40,400")
-    parser.add_argument("--cache-dir", help="keep slice embeddings in this folder")
-    return parser
-
-
-def open_case(args):
-    """:func:`load_case` for the options of :func:`case_parser`, with a 2 GB embedding cache
-    (on disk under --cache-dir); None, with a message, when the shared data is missing."""
-    if not DATA.is_dir():
-        print(f"shared data not found: {DATA}", file=sys.stderr)
-        return None
-    cache = EmbeddingCache(budget_mb=2048, disk_dir=args.cache_dir)
-    return load_case(args.axis, args.window, cache)
-
-
 def main(argv=None) -> int:
     parser = case_parser(__doc__.split("\n")[0])
     parser.add_argument("--strategy", default="", help='e.g. "key_roi=0.15,grow_fraction=0.1"')
@@ -323,7 +281,7 @@ def main(argv=None) -> int:
     print(f"reference extent  {mean_dice(walks, cut_at_reference_extent):.4f}")
     print(f"best cut (oracle) {mean_dice(walks, best_cut):.4f}")
     print(f"default rules     {mean_dice(walks, lambda w: replay(w, StopRules())):.4f}")
-    floors = (0.6, 0.62, 0.65, 0.68, 0.7, 0.75)  # the default 0.65 since the seventh session
+    floors = (0.6, 0.62, 0.65, 0.68, 0.7, 0.75)  # the default is 0.65
     scores = [mean_dice(walks, lambda w, f=f: replay(w, StopRules(min_iou=f))) for f in floors]
     print(
         f"  predicted-IoU floor {' / '.join(map(str, floors))}: "
@@ -351,7 +309,7 @@ def main(argv=None) -> int:
         scores = [mean_dice(walks, lambda w, r=rules: replay(w, r)) for rules in rule_sets]
         print(f"  {drop:<6}" + "".join(f"{v:8.4f}" for v in scores))
 
-    # candidate signals from the logits (not adopted; docs/propagation.md, sixth session)
+    # candidate signals from the logits (not adopted; docs/propagation.md, "When a walk stops")
     def with_signal(rules, test):
         return lambda w, name: replay(w, rules, lambda i, m, iou: test(signals[name][i], iou))
 
