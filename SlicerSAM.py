@@ -112,6 +112,7 @@ class SlicerSAMParameterNode:
     mode: str = "replace"
     livePreview: bool = True
     multimask: bool = False
+    serverUrl: str = ""
 
 
 #
@@ -156,6 +157,9 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ("segmentSelector", node, self.onTargetChanged),
             ("segmentSelector", "currentSegmentChanged(QString)", self.onTargetChanged),
             ("modelCombo", index, self.onModelChanged),
+            ("computeCombo", index, self.onComputeChanged),
+            ("serverEdit", "editingFinished()", self.onComputeChanged),
+            ("tokenEdit", "editingFinished()", self.onComputeChanged),
             ("checkpointEdit", "currentPathChanged(QString)", self.onModelChanged),
             ("intensityCombo", index, self.onIntensityChanged),
             ("viewCombo", index, self.onIntensityChanged),
@@ -172,6 +176,8 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ("acceptButton", self.onAccept),
             ("undoButton", self.onUndo),
             ("propagateButton", self.onPropagate),
+            ("everythingButton", self.onEverything),
+            ("useCandidatesButton", self.onUseCandidates),
             ("evaluateButton", self.onEvaluate),
             ("exportButton", self.onExportCsv),
         ):
@@ -317,8 +323,12 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.acceptButton.enabled = hasPreview and hasTarget
         self.ui.undoButton.enabled = logic is not None and logic.undoStack.can_undo
         self.ui.propagateButton.enabled = logic is not None and bool(logic.keyMasks)
+        candidates = getattr(self, "_candidates", None)
+        self.ui.useCandidatesButton.enabled = (
+            candidates is not None and slicer.mrmlScene.IsNodePresent(candidates[0]) == 1
+        )
         result = logic.lastResult if logic else None
-        self.ui.candidateButton.enabled = result is not None and len(result.masks) > 1
+        self.ui.candidateButton.enabled = result is not None and len(result.iou) > 1
         self.ui.evaluateButton.enabled = (
             hasTarget and self.ui.referenceSelector.currentNode() is not None
         )
@@ -328,7 +338,7 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             iou = float(result.iou[logic.candidate])
             self.ui.resultLabel.text = (
-                f"slice {result.index}: candidate {logic.candidate + 1}/{len(result.masks)}, "
+                f"slice {result.index}: candidate {logic.candidate + 1}/{len(result.iou)}, "
                 f"predicted IoU {iou:.2f}"
             )
 
@@ -363,6 +373,15 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.model = name or ""
             self.logic.setModel(name, checkpoint)
             self.ui.deviceLabel.text = "loads on first use"
+        self._updateButtons()
+
+    def onComputeChanged(self, *args):
+        with slicer.util.tryWithErrorDisplay("Cannot use this server."):
+            remote = self.ui.computeCombo.currentIndex == 1
+            self.ui.serverEdit.enabled = self.ui.tokenEdit.enabled = remote
+            url = self.ui.serverEdit.text if remote else None
+            self.logic.setServer(url, self.ui.tokenEdit.text or None)
+            self.ui.deviceLabel.text = "connects on first use" if remote else "loads on first use"
         self._updateButtons()
 
     def _selectedIntensity(self, volumeNode):
@@ -473,6 +492,11 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """
         if self.logic.segmenterReady():
             return
+        if self.logic.serverUrl:  # the server holds the model: nothing to install or load here
+            with slicer.util.WaitCursor():
+                self.logic.startSession()
+            self.ui.deviceLabel.text = self.logic.deviceText()
+            return
         if not interactive and (self.logic.missingDependencies() or self.logic.modelDownload()):
             raise RuntimeError("click 'Segment slice' once to set up PyTorch and the model")
         if self.logic.missingDependencies():  # asks first (confirmCallback)
@@ -531,6 +555,28 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     node.RemoveAllControlPoints()
             self.logic.clearKeys()
             self.logic.clearPreview()
+        self._updateButtons()
+
+    # ---------------------------------------------------------------- slots: segment everything
+    def onEverything(self):
+        """Every mask the model finds on the slice the view shows, in a new segmentation."""
+        with slicer.util.tryWithErrorDisplay("Segment everything failed.", waitCursor=True):
+            self._ensureReady()
+            index = self.logic.sliceIndexOfView(self.ui.viewCombo.currentText)
+            node, ids = self.logic.segmentEverything(index)
+            self._candidates = (node, index)
+            self._showStatus(
+                f"SlicerSAM: {len(ids)} candidates on slice {index}; delete the ones you do not "
+                "want, then Use kept candidates"
+            )
+        self._updateButtons()
+
+    def onUseCandidates(self):
+        """The candidates left in the candidates segmentation become a key slice."""
+        with slicer.util.tryWithErrorDisplay("Cannot use the candidates."):
+            node, index = self._candidates
+            self.logic.useCandidates(node, index)
+            self._showStatus(f"SlicerSAM: slice {index} is a key slice; propagate or accept it")
         self._updateButtons()
 
     # ---------------------------------------------------------------- slots: propagate, accept

@@ -471,9 +471,16 @@ def _write_json_atomic(path: Path, data) -> None:
 
 def _run_case(job: dict) -> dict:
     """Worker: one case -> its JSON file. Runs in a separate process (spawn) or inline."""
+    data = _case_data(job)
+    _write_json_atomic(Path(job["out_path"]), data)
+    return {"case": job["case"], "mean_dice": data["mean_dice"]}
+
+
+def _case_data(job: dict) -> dict:
+    """One case's results, JSON-ready (a Ray task returns them; the driver writes the file)."""
     from SlicerSAM.volume import load_volume
 
-    case, out_path = job["case"], Path(job["out_path"])
+    case = job["case"]
     t0 = time.perf_counter()
     image = load_volume(job["image"])
     reference = load_volume(job["label"])
@@ -487,8 +494,7 @@ def _run_case(job: dict) -> dict:
     data["image"] = str(job["image"])
     data["reference"] = str(job["label"])
     data["timing"]["case_wall_s"] = round(time.perf_counter() - t0, 3)
-    _write_json_atomic(out_path, data)
-    return {"case": case, "mean_dice": data["mean_dice"]}
+    return data
 
 
 def _finished(path: Path, protocol: str) -> bool:
@@ -542,6 +548,7 @@ def run_dataset(
     progress: Optional[Callable[[int, int, str], None]] = None,
     cancel: Optional[Callable[[], bool]] = None,
     segmenter_factory: Optional[Callable] = None,
+    ray_address: Optional[str] = None,
     **kwargs,
 ) -> dict:
     """Benchmark every case of an nnU-Net / MSD dataset folder; resumable.
@@ -555,7 +562,10 @@ def run_dataset(
         progress: ``progress(done, total, message)`` over cases (skipped ones count as done).
         cancel: checked between cases (and inside a case when ``workers`` is 1).
         segmenter_factory: ``factory(image Volume) -> segmenter`` instead of building a
-            Segmenter (tests; must be picklable for ``workers`` > 1).
+            Segmenter (tests; must be picklable for ``workers`` > 1 and Ray).
+        ray_address: run the cases as Ray tasks instead of local processes
+            (:func:`SlicerSAM.ray_cluster.run_cases`): "local" starts Ray on this machine,
+            "auto" joins its cluster, "ray://host:port" a remote one; None: no Ray.
         **kwargs: passed to :func:`run_benchmark` (model, checkpoint, device, orientation,
             intensity, min_voxels, jitter, seed, strategy, stop, tolerance_mm, point_prompts).
 
@@ -603,7 +613,20 @@ def run_dataset(
     total = len(cases)
     done = len(skipped)
     progress(done, total, "resumed" if skipped else "")
-    if jobs and int(workers) > 1:
+    if jobs and ray_address is not None:
+        from SlicerSAM.ray_cluster import run_cases
+
+        finished = [done]
+
+        def write(job, data):
+            _write_json_atomic(Path(job["out_path"]), data)
+
+        def advance(case):
+            finished[0] += 1
+            progress(finished[0], total, case)
+
+        run_cases(jobs, _case_data, write, ray_address, advance, cancel)
+    elif jobs and int(workers) > 1:
         import concurrent.futures as cf
         import multiprocessing as mp
 

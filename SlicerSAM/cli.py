@@ -1,4 +1,5 @@
-"""Command-line interface: `python -m SlicerSAM {segment,propagate,evaluate,benchmark,models,demo}`.
+"""Command-line interface: `python -m SlicerSAM COMMAND` (segment, propagate, everything, evaluate,
+benchmark, models, serve, demo).
 
 Every sub-command validates its inputs and output paths before any model work, prints a clear
 one-line error and exits with status 2 on bad input (1 on an unexpected failure), and writes its
@@ -274,6 +275,96 @@ def cmd_segment(args, propagate_default: bool = False) -> int:
     return 0
 
 
+def _candidates_json_path(output: str) -> str:
+    """candidates.seg.nrrd -> candidates.json (the records beside the segmentation)."""
+    name = Path(output).name
+    for suffix in (".seg.nrrd", ".nrrd"):
+        if name.lower().endswith(suffix):
+            return str(Path(output).with_name(name[: -len(suffix)] + ".json"))
+    return output + ".json"
+
+
+# distinct colours (0..1) for candidate segments, cycled
+_CANDIDATE_COLOURS = (
+    (0.90, 0.30, 0.25), (0.30, 0.65, 0.90), (0.40, 0.80, 0.35), (0.95, 0.75, 0.20),
+    (0.70, 0.45, 0.85), (0.20, 0.80, 0.75), (0.95, 0.50, 0.70), (0.60, 0.60, 0.60),
+)  # fmt: skip
+
+
+def cmd_everything(args) -> int:
+    """`everything`: every mask the model finds on one slice, one segment each, largest first,
+    with their confidences in the names and in a JSON beside the segmentation."""
+    import numpy as np
+
+    from SlicerSAM.everything import check_slice
+    from SlicerSAM.outputs import write_overlapping_segmentation
+    from SlicerSAM.reports import write_json
+
+    json_path = args.json or _candidates_json_path(args.output)
+    _check_outputs([(args.output, (".seg.nrrd",)), (json_path, (".json",))], args.overwrite)
+    for name in ("points_per_side",):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SlicerSAMError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    t0 = time.perf_counter()
+    volume = _load_image(args)
+    args.axis = args.axis or "axial"
+    session = _session(args, volume, args.axis)
+    index = check_slice(session.plane, volume, args.slice)  # before the model loads
+    _check_model(args)
+    candidates = session.segment_everything(
+        index,
+        points_per_side=args.points_per_side,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_thresh,
+    )
+    if not candidates:
+        raise SlicerSAMError(
+            f"no mask on {args.axis} slice {index} passed the filters: nothing was written "
+            "(lower --pred-iou-thresh or --stability-thresh)"
+        )
+    plane = session.plane
+    spacing = plane.grid_spacing
+    masks, segments, records = [], [], []
+    for number, c in enumerate(candidates, 1):
+        name = f"candidate {number} (IoU {c.predicted_iou:.2f}, stability {c.stability_score:.2f})"
+        volume_mask = plane.stack({index: c.mask}, dtype=bool)
+        centroid = volume.kji_to_ras(np.argwhere(volume_mask).mean(axis=0)[None])[0]
+        masks.append(volume_mask)
+        segments.append((name, _CANDIDATE_COLOURS[(number - 1) % len(_CANDIDATE_COLOURS)]))
+        records.append(
+            {
+                "segment": number,
+                "name": name,
+                "area_voxels": c.area,
+                "area_mm2": round(c.area * float(spacing[0]) * float(spacing[1]), 2),
+                "predicted_iou": round(c.predicted_iou, 4),
+                "stability_score": round(c.stability_score, 4),
+                "centroid_ras": [round(float(v), 2) for v in centroid],
+            }
+        )
+    write_overlapping_segmentation(args.output, masks, volume, segments, args.overwrite)
+    segmenter = session.segmenter
+    info = {
+        "image": str(args.image),
+        "axis": args.axis,
+        "slice": index,
+        "window": args.window,
+        "model": segmenter.model_name,
+        "device": str(segmenter.device),
+        "candidates": records,
+        "output": str(args.output),
+        "timing": _timing_block(segmenter, time.perf_counter() - t0),
+    }
+    write_json(json_path, info, overwrite=args.overwrite)
+    print(
+        f"{len(candidates)} candidates on {args.axis} slice {index} -> {args.output} "
+        f"(records: {json_path}; {segmenter.model_name} on {segmenter.device}, "
+        f"{time.perf_counter() - t0:.1f} s)"
+    )
+    return 0
+
+
 def cmd_propagate(args) -> int:
     if not args.prompts and not args.mask:
         raise SlicerSAMError("propagate needs --prompts FILE, --mask LABELMAP, or both")
@@ -385,9 +476,13 @@ def cmd_benchmark(args) -> int:
     parse_protocol(args.protocol)
     intensity = parse_intensity(args.window)
     names = read_label_names(args.labels)
+    if args.ray is not None and not args.dataset:
+        raise SlicerSAMError("--ray runs the cases of a --dataset; give --dataset DIR")
     if args.dataset:
         if not args.output:
             raise SlicerSAMError("--dataset needs --output DIR for per-case results and summary")
+        if args.ray is not None:
+            _check_ray()
         summary = benchmark.run_dataset(
             args.dataset,
             args.output,
@@ -401,6 +496,7 @@ def cmd_benchmark(args) -> int:
             jitter=args.jitter,
             seed=args.seed,
             workers=args.workers,
+            ray_address=args.ray,
             label_names=names,
             point_prompts=args.point_prompts,
             progress=progress_bar("cases", unit="case"),
@@ -464,6 +560,60 @@ def cmd_benchmark(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """`serve`: the inference server (SlicerSAM/server.py) until Ctrl-C."""
+    import os
+
+    from SlicerSAM.server import ServerSettings, serve
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise SlicerSAMError(
+            f"serve needs {exc.name}: pip install 'slicersam[server]' (FastAPI and uvicorn)"
+        ) from None
+    _check_model(args)
+    settings = ServerSettings(
+        model=args.model,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        token=args.token or os.environ.get("SLICERSAM_TOKEN") or None,
+        max_upload_mb=args.max_upload_mb,
+        max_voxels=args.max_voxels,
+        max_sessions=args.max_sessions,
+        idle_seconds=args.idle_minutes * 60.0,
+        cache_mb=args.cache_mb,
+        data_root=args.data_root,
+    )
+    if args.data_root and not Path(args.data_root).is_dir():
+        raise SlicerSAMError(f"--data-root {args.data_root} is not a folder")
+    if args.ray is not None:
+        from SlicerSAM.ray_cluster import deploy
+
+        _check_ray()
+        deploy(
+            settings,
+            host=args.host,
+            port=args.port,
+            address=args.ray,
+            workers=args.workers,
+            replicas=args.replicas,
+        )
+        return 0
+    serve(settings, host=args.host, port=args.port)
+    return 0
+
+
+def _check_ray() -> None:
+    """Ray (with Serve) is there, before any work."""
+    try:
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+    except ImportError:
+        raise SlicerSAMError("--ray needs Ray: pip install 'slicersam[ray]'") from None
+
+
 def cmd_demo(args) -> int:
     from SlicerSAM.demo import run_demo
 
@@ -520,6 +670,33 @@ def build_parser() -> argparse.ArgumentParser:
         _add_volume_args(p)
         p.set_defaults(func=cmd_segment if name == "segment" else cmd_propagate)
 
+    p = sub.add_parser(
+        "everything",
+        help="every mask the model finds on one slice, one segment each (segment everything)",
+    )
+    p.add_argument("image", help="volume: NIfTI, NRRD, MetaImage or a DICOM folder")
+    p.add_argument("--slice", type=int, required=True, help="slice index along --axis")
+    p.add_argument("--output", required=True, help="output .seg.nrrd (one segment per mask)")
+    p.add_argument(
+        "--json", help="candidate records (default: the output's name with .json, beside it)"
+    )
+    p.add_argument("--points-per-side", type=int, help="prompt grid size (default: the model's)")
+    p.add_argument(
+        "--pred-iou-thresh",
+        type=float,
+        help="keep masks above this predicted IoU (default: the model's)",
+    )
+    p.add_argument(
+        "--stability-thresh",
+        type=float,
+        help="keep masks at least this stable (default: the model's)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_model_args(p)
+    _add_slice_args(p)
+    _add_volume_args(p)
+    p.set_defaults(func=cmd_everything)
+
     p = sub.add_parser("evaluate", help="Dice, IoU, HD95, NSD of a label map against a reference")
     p.add_argument("prediction", help="predicted label map (NIfTI, NRRD, .seg.nrrd, ...)")
     p.add_argument("reference", help="reference label map on the same grid")
@@ -551,6 +728,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", required=True, help=PROTOCOLS_TEXT)
     p.add_argument("--dataset", help="nnU-Net/MSD folder (imagesTr/, labelsTr/): every case")
     p.add_argument("--workers", type=int, default=1, help="processes for --dataset")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run the --dataset cases as Ray tasks: alone, on a Ray instance started here; "
+        "'auto' joins this machine's cluster; 'ray://host:10001' a remote one",
+    )
     p.add_argument("--labels", help="JSON {label value: name} (or the dataset's dataset.json)")
     p.add_argument("--min-voxels", type=int, default=200, help="skip smaller structures")
     p.add_argument("--jitter", type=float, default=0.0, help="box jitter in pixels (seeded)")
@@ -564,6 +749,47 @@ def build_parser() -> argparse.ArgumentParser:
     _add_slice_args(p)
     _add_volume_args(p)
     p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser(
+        "serve",
+        help="run the inference server (HTTP, FastAPI) for the Slicer module and other clients",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    p.add_argument(
+        "--token",
+        help="a secret clients must send (Authorization: Bearer TOKEN); needed for any host "
+        "but loopback; default: $SLICERSAM_TOKEN",
+    )
+    p.add_argument("--max-upload-mb", type=float, default=512.0, help="largest upload (MB)")
+    p.add_argument("--max-voxels", type=int, default=600 * 512 * 512, help="largest volume")
+    p.add_argument("--max-sessions", type=int, default=8, help="sessions held at once")
+    p.add_argument(
+        "--idle-minutes", type=float, default=30.0, help="a session idle this long is closed"
+    )
+    p.add_argument(
+        "--cache-mb",
+        type=float,
+        default=2048.0,
+        help="memory for slice embeddings, shared by all sessions",
+    )
+    p.add_argument(
+        "--data-root", help="clients may open volumes by path under this folder (default: none)"
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="deploy on Ray Serve: alone, on a Ray instance started here; 'auto' joins this "
+        "machine's cluster; 'ray://host:10001' a remote one",
+    )
+    p.add_argument(
+        "--workers", type=int, default=1, help="with --ray: session workers (one GPU each)"
+    )
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: HTTP ingress replicas")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
         "demo",

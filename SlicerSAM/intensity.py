@@ -105,6 +105,13 @@ class IntensityMapping:
         scaled = (values - np.float32(lo)) * np.float32(255.0 / (hi - lo))
         return np.rint(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
 
+    def as_text(self) -> str:
+        """The mapping as :func:`parse_intensity` reads it back ('40,400', 'percentile:0.5,99.5'):
+        how it travels to the inference server."""
+        if self.kind == "window":
+            return f"{self.level:.10g},{self.width:.10g}"
+        return f"percentile:{self.low_percentile:.10g},{self.high_percentile:.10g}"
+
     def describe(self) -> str:
         """The mapping for people, as reports print it: 'L40/W400' or 'percentile 0.5-99.5'."""
         if self.kind == "window":

@@ -2,7 +2,8 @@
 
 - `write_labelmap`: NIfTI (.nii, .nii.gz; nibabel, the volume's affine) or NRRD (.nrrd; pynrrd,
   LPS space directions), smallest unsigned integer type that holds the labels.
-- `write_segmentation`: a Slicer ``.seg.nrrd`` (slicerio) with segment names, colours and values.
+- `write_segmentation`: a Slicer ``.seg.nrrd`` (slicerio) with segment names, colours and values;
+  `write_overlapping_segmentation` one with segments that may overlap (one layer per overlap).
 - `atomic_output`: every file is written to a temporary name in the target folder and moved into
   place with ``os.replace``, so a failure never leaves a partial file; an existing file is kept
   unless ``overwrite`` is set. `check_output_path` lets a caller fail before any computation.
@@ -128,7 +129,6 @@ def write_segmentation(
         OutputError: as `write_labelmap`, plus duplicate or missing segment values, empty or
             multi-line names, colours outside 0..1.
     """
-    import slicerio
 
     path = check_output_path(path, overwrite, SEGMENTATION_SUFFIXES)
     if not path.name.lower().endswith(".seg.nrrd"):
@@ -136,8 +136,58 @@ def write_segmentation(
     ijk_to_ras = _geometry(volume)
     data = _label_array(labels, volume)
     entries = _segment_entries(segments, data)
+    return _write_seg_nrrd(path, data, ijk_to_ras, entries, overwrite)
+
+
+def write_overlapping_segmentation(
+    path: PathLike,
+    masks: Sequence[np.ndarray],
+    volume: Union[Volume, np.ndarray],
+    segments: Sequence[tuple],
+    overwrite: bool = False,
+) -> Path:
+    """Write segments that may overlap (candidates of one slice) as a layered ``.seg.nrrd``.
+
+    Each (K, J, I) bool mask becomes one segment; masks go to the first layer where they overlap
+    no other (Slicer's own layout for overlapping segments), so a file of disjoint masks has one
+    layer. ``segments``: ``(name, (r, g, b))`` per mask, colours in 0..1. Checks and atomic
+    writing as `write_segmentation`.
+    """
+
+    path = check_output_path(path, overwrite, SEGMENTATION_SUFFIXES)
+    if len(masks) != len(segments):
+        raise OutputError(f"{len(masks)} masks for {len(segments)} segment names and colours")
+    if not masks:
+        raise OutputError("no segments to write")
+    ijk_to_ras = _geometry(volume)
+    layers: list = []  # (K, J, I) label arrays
+    entries = []
+    for number, (mask, (name, color)) in enumerate(zip(masks, segments)):
+        mask = np.asarray(mask, dtype=bool)
+        _label_array(mask, volume)  # shape checks
+        layer = next((i for i, lab in enumerate(layers) if not lab[mask].any()), len(layers))
+        if layer == len(layers):
+            layers.append(np.zeros(mask.shape, dtype=np.uint16))
+        value = int(layers[layer].max()) + 1
+        layers[layer][mask] = value
+        entry = _segment_entries([(value, name, color)], np.zeros(0, dtype=np.uint8))[0]
+        entry.update(id=f"Segment_{number + 1}", layer=layer)
+        entries.append(entry)
+    names = [e["name"] for e in entries]
+    if len(set(names)) != len(names):
+        raise OutputError("segment names must be distinct")
+    data = np.stack(layers, axis=-1) if len(layers) > 1 else layers[0]
+    return _write_seg_nrrd(path, data, ijk_to_ras, entries, overwrite)
+
+
+def _write_seg_nrrd(path: Path, data: np.ndarray, ijk_to_ras, entries, overwrite: bool) -> Path:
+    """Write (K, J, I) labels, or (K, J, I, layers), with their segment entries (slicerio)."""
+    import slicerio
+
+    # slicerio/pynrrd index voxels in Fortran order: [i, j, k(, layer)]
+    voxels = data.transpose(2, 1, 0, 3) if data.ndim == 4 else data.transpose(2, 1, 0)
     segmentation = {
-        "voxels": data.transpose(2, 1, 0),  # slicerio/pynrrd (Fortran order) index [i, j, k]
+        "voxels": voxels,
         "ijkToLPS": flip_lps_ras(ijk_to_ras),
         "segments": entries,
         "containedRepresentationNames": ["Binary labelmap"],

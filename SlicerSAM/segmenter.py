@@ -650,6 +650,13 @@ class Segmenter:
                         labels,
                         prefer=lambda mask: keeps(mask) and plausible(mask),
                     )
+                    if len(positive) and found and not keeps(found[0].mask):
+                        # no mask holds the click and keeps the corrected one: "this too" adds
+                        # what the model found at the click instead of replacing the mask by it
+                        # (a click at a mask's edge would otherwise leave a sliver)
+                        union = before | found[0].mask
+                        if honours_all(union, points, labels):
+                            found = [union]
                     if not len(positive) and not (
                         found
                         and honours_all(found[0].mask, points, labels)

@@ -27,6 +27,9 @@ How prompts on a slice combine (docs/prompts.md, "How prompts combine"):
    is the prompt; clicks choose within it. For a box-trained model (LiteMedSAM, MedSAM) the box's
    own mask is kept when it honours every click, so a click inside an ROI never changes a mask
    that already agrees with it; a model trained with points gets box and clicks together.
+   Clicks inside an ROI on a slice other than its middle one stand in for a correction: when
+   propagating, the walks start from the ROI's slice and the clicks then correct what they gave
+   there (2.), as if the user had clicked after seeing the ROI's result.
 2. Clicks on a slice that already holds a mask (a propagated slice, or a key slice whose clicks
    are added to): a correction of that mask (:meth:`Segmenter.segment` with
    ``SlicePrompts.mask``). A negative correction that leaves nothing marks the slice absent.
@@ -106,6 +109,11 @@ class Roi:
     def holds_slice(self, index: int) -> bool:
         return self.slice_range[0] <= int(index) <= self.slice_range[1]
 
+    @property
+    def middle(self) -> int:
+        """The ROI's own key slice: the middle of its range."""
+        return (self.slice_range[0] + self.slice_range[1]) // 2
+
     def holds_xy(self, xy: np.ndarray) -> np.ndarray:
         """(N,) bool: which (x, y) points (N, 2) lie inside the rectangle."""
         xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
@@ -135,7 +143,10 @@ class KeySlice:
     prompts: the slice's prompts in model-image pixels (None for a mask given as it is);
     result: the model's answer (None for a given mask); candidate: which of ``result.masks`` is
     chosen; mask: (rows, cols) bool, the chosen mask clipped to the ROI (empty: the structure is
-    absent from this slice).
+    absent from this slice); stand_in: the mask came from the ROI's rectangle and the slice's
+    clicks because the slice had no mask for them to correct yet. Propagation first walks from the
+    other key slices and then applies those clicks as a correction of the mask it reached there
+    (:meth:`InteractiveSession.propagate`).
     """
 
     index: int
@@ -143,6 +154,7 @@ class KeySlice:
     result: object
     candidate: int
     mask: np.ndarray
+    stand_in: bool = False
 
 
 def _same_points(a: Optional[SlicePrompts], b: Optional[SlicePrompts], count: int) -> bool:
@@ -413,7 +425,7 @@ class InteractiveSession:
             base = wanted.get(box_index, SlicePrompts(box_index))
             wanted[box_index] = replace(base, box_xyxy=sp.box_xyxy)
         if roi is not None:
-            middle = (roi.slice_range[0] + roi.slice_range[1]) // 2
+            middle = roi.middle
             if prompts.index is not None and not groups:
                 middle = prompts.index  # the ROI's key slice named by the prompt file
             wanted.setdefault(middle, SlicePrompts(middle, box_xyxy=roi.bounds_xyxy))
@@ -538,7 +550,16 @@ class InteractiveSession:
             kwargs["max_area"] = limit
         result = self.segmenter.segment(index, prompts, multimask=multimask, **kwargs)
         best = int(result.best)
-        self.keys[index] = KeySlice(index, asked, result, best, self._clip(result.masks[best]))
+        stand_in = (
+            self.roi is not None
+            and previous is None
+            and asked.box_xyxy is None
+            and asked.num_points > 0
+            and index != self.roi.middle
+        )
+        self.keys[index] = KeySlice(
+            index, asked, result, best, self._clip(result.masks[best]), stand_in
+        )
         return result
 
     def _area_limit(self, index: int) -> Optional[float]:
@@ -626,6 +647,15 @@ class InteractiveSession:
             )
         self.keys[index] = KeySlice(index, None, None, 0, self._clip(mask))
 
+    def segment_everything(self, index: int, **options) -> list:
+        """Every mask the model finds on slice ``index``, largest first
+        (:func:`SlicerSAM.everything.segment_everything`, whose keyword arguments ``options``
+        are). Changes nothing: keep a candidate with ``add_mask(index, candidate.mask)``."""
+        from SlicerSAM.everything import check_slice, segment_everything
+
+        index = check_slice(self.plane, self.volume, index)  # before the model loads
+        return segment_everything(self.segmenter, index, **options)
+
     def select_candidate(self, index: int, candidate: int) -> np.ndarray:
         """Choose another of slice ``index``'s candidate masks (multimask); returns it."""
         key = self.keys.get(int(index))
@@ -674,6 +704,11 @@ class InteractiveSession:
 
         if not self.keys:
             raise PromptError("nothing to propagate: segment a key slice first")
+        stand_ins = sorted(i for i, k in self.keys.items() if k.stand_in)
+        if stand_ins and len(stand_ins) < len(self.keys):
+            return self._propagate_then_correct(
+                stand_ins, direction, progress, cancel, strategy=strategy, stop=stop
+            )
         keys = {i: k for i, k in self.keys.items() if k.mask.any()}
         absent = sorted(i for i, k in self.keys.items() if not k.mask.any())
         if not keys:  # the model found nothing on the key slices: nothing to walk from
@@ -727,6 +762,29 @@ class InteractiveSession:
         self._propagation_settings = settings
         self._propagation_keys = sorted(self.keys)
         return result
+
+    def _propagate_then_correct(self, stand_ins, direction, progress, cancel, **settings):
+        """Clicks inside an ROI on slices that had no mask: propagate from the other key slices,
+        apply each such slice's clicks as a correction of the mask the walks gave it, then
+        propagate again around the corrections. A click inside an ROI thus corrects the ROI's
+        result (and changes nothing where that result already agrees with it) instead of
+        starting a second, competing walk from the ROI's loose rectangle on that slice.
+        Cancelled or failed: the session is as it was."""
+        saved = (dict(self.keys), self._propagation, self._propagation_settings)
+        saved_keys = list(self._propagation_keys)
+        try:
+            asked = {i: self.keys.pop(i).prompts for i in stand_ins}
+            self._propagation = None  # the walks start from the other key slices afresh
+            self.propagate(direction, progress, cancel, **settings)
+            for index, prompts in asked.items():
+                self.segment(prompts)
+                if self.keys[index].stand_in:  # the walks did not reach it: it stays a key
+                    self.keys[index] = replace(self.keys[index], stand_in=False)
+            return self.propagate(direction, progress, cancel, **settings)
+        except BaseException:
+            self.keys, self._propagation, self._propagation_settings = saved
+            self._propagation_keys = saved_keys
+            raise
 
     @property
     def propagation(self):

@@ -15,6 +15,7 @@ below is the engine's.
 import logging
 import os
 import tempfile
+import time
 
 import numpy as np
 import slicer
@@ -74,6 +75,10 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         self.modelName = "litemedsam"
         self.checkpoint = None
         self.device = "auto"
+        # compute on an inference server (python -m SlicerSAM serve) instead of this computer:
+        # no PyTorch and no weights here; see setServer
+        self.serverUrl = None
+        self.serverToken = None
         self.orientation = "axial"
         self.intensity = None  # IntensityMapping; None: the volume's display window/level
         self.undoStack = UndoStack()
@@ -272,9 +277,22 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
             self.device,
         )
 
+    def setServer(self, url=None, token=None):
+        """Compute on the inference server at ``url`` (``http://host:port``; None: on this
+        computer). The server holds the model; this computer needs neither PyTorch nor the
+        weights. Accepted segments and their undo stay here whatever happens to the server."""
+        url = (url or "").strip() or None
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError(f"A server address starts with http:// or https://, got {url!r}.")
+        if (url, token or None) != (self.serverUrl, self.serverToken):
+            self.serverUrl, self.serverToken = url, token or None
+            self._closeSegmenter()
+
     def deviceText(self):
         from SlicerSAM.slicer_bridge import device_text
 
+        if self.serverUrl:
+            return f"server {self.serverUrl}"
         return device_text(self._session.segmenter.device) if self._session else "not loaded"
 
     # ---------------------------------------------------------------- volume, orientation
@@ -379,7 +397,23 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         return self._session is not None
 
     def _getSession(self):
-        """The engine's InteractiveSession of the current volume (the model loads first)."""
+        """The engine's InteractiveSession of the current volume (the model loads first), or
+        with a server set, a RemoteSession (the volume is uploaded once)."""
+        if self._session is None and self.serverUrl:
+            from SlicerSAM.intensity import IntensityMapping
+            from SlicerSAM.remote import RemoteSession
+
+            self._requireVolume()
+            self.log(f"SlicerSAM: sending the volume to {self.serverUrl}...")
+            self._session = RemoteSession(
+                self.serverUrl,
+                self.volume,
+                token=self.serverToken,
+                orientation=self.orientation,
+                window=(self.intensity or IntensityMapping()).as_text(),
+                undo_stack=self.undoStack,
+            )
+            self._encoded = set()
         if self._session is None:
             self._requireVolume()
             if not self._modelLoaded():
@@ -395,6 +429,11 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
             )
             self._encoded = set()
         return self._session
+
+    def startSession(self):
+        """Start the session now (load the model, or upload the volume to the server) rather
+        than on the first prompt; returns it."""
+        return self._getSession()
 
     def _getSegmenter(self):
         return self._getSession().segmenter
@@ -422,7 +461,7 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         return plane_for(self.volume, self.orientation)
 
     def isEncoded(self, index):
-        return index in self._encoded
+        return bool(self.serverUrl) or index in self._encoded
 
     def encodeAsync(self, index):
         """Encode slice ``index`` on a worker thread; returns a ``concurrent.futures.Future``.
@@ -437,7 +476,7 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="SlicerSAM")
         future = self._executor.submit(segmenter.embedding, index)
-        encoded = self._encoded  # this session's set (a new session gets a new one)
+        encoded = self._encoded  # the current session's set (a new session gets a new one)
         future.add_done_callback(lambda f: f.exception() is None and encoded.add(index))
         return future
 
@@ -506,7 +545,11 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         if prompts is None:
             prompts = self.promptsFromNodes(positiveNode, negativeNode, roiNode)
         session = self._getSession()
+        started = time.perf_counter()
         results = session.set_prompts(prompts, multimask=multimask)
+        if self.serverUrl and results:
+            ms = (time.perf_counter() - started) * 1000.0
+            self.log(f"SlicerSAM: {len(results)} slice(s) from the server in {ms:.0f} ms")
         for index in results:
             self._encoded.add(index)
         if results:
@@ -590,6 +633,92 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         """Preview a finished propagation (GUI thread); returns its result."""
         self.showPreview(self._session.result())
         return result
+
+    # ---------------------------------------------------------------- segment everything
+    CANDIDATE_COLOURS = (
+        (0.90, 0.30, 0.25), (0.30, 0.65, 0.90), (0.40, 0.80, 0.35), (0.95, 0.75, 0.20),
+        (0.70, 0.45, 0.85), (0.20, 0.80, 0.75), (0.95, 0.50, 0.70), (0.60, 0.60, 0.60),
+    )  # fmt: skip
+
+    def segmentEverything(self, index):
+        """Every mask the model finds on slice ``index`` (current orientation), one segment each
+        in a new segmentation, largest first, named with its predicted IoU and stability.
+
+        The radiologist deletes what they do not want; :meth:`useCandidates` makes the kept ones
+        a key slice to propagate or accept. The session's prompts and result do not change; a
+        failure leaves no segmentation behind. Returns (segmentation node, segment ids).
+        """
+        from SlicerSAM.editing import bounding_region
+
+        if self.serverUrl:
+            raise ValueError(
+                "Segment everything runs on this computer: set Compute on to this computer."
+            )
+        session = self._getSession()
+        candidates = session.segment_everything(index)
+        if not candidates:
+            raise ValueError(f"No mask on slice {index} passed the model's confidence filters.")
+        plane = session.plane
+        node = slicer.mrmlScene.AddNewNodeByClass(
+            "vtkMRMLSegmentationNode", f"SAM candidates ({plane.orientation} {index})"
+        )
+        try:
+            node.CreateDefaultDisplayNodes()
+            node.SetReferenceImageGeometryParameterFromVolumeNode(self.volumeNode)
+            segmentation = node.GetSegmentation()
+            ids = []
+            for number, c in enumerate(candidates, 1):
+                name = (
+                    f"candidate {number} (IoU {c.predicted_iou:.2f}, "
+                    f"stability {c.stability_score:.2f})"
+                )
+                colour = self.CANDIDATE_COLOURS[(number - 1) % len(self.CANDIDATE_COLOURS)]
+                segmentId = segmentation.AddEmptySegment("", name, colour)
+                mask = plane.stack({index: c.mask}, dtype=np.uint8)
+                region = bounding_region(mask)
+                self._writeRegion(node, segmentId, region, mask[region.slices])
+                ids.append(segmentId)
+        except Exception:
+            slicer.mrmlScene.RemoveNode(node)
+            raise
+        self.log(f"SlicerSAM: {len(ids)} candidates on {plane.orientation} slice {index}")
+        return node, ids
+
+    def sliceIndexOfView(self, viewName):
+        """The slice (current orientation) that slice view ``viewName`` ("Red", ...) shows."""
+        sliceNode = slicer.mrmlScene.GetNodeByID(f"vtkMRMLSliceNode{viewName}")
+        if sliceNode is None:
+            raise ValueError(f"There is no {viewName} slice view.")
+        self._requireVolume()
+        ras = slicer.util.arrayFromVTKMatrix(sliceNode.GetSliceToRAS())[:3, 3]
+        plane = self.plane()
+        index, _ = plane.voxel_to_xy(self.volume.ras_to_kji(np.asarray(ras)[None]))
+        index = int(round(float(index[0])))
+        if not 0 <= index < plane.num_slices:
+            raise ValueError(f"The {viewName} view shows no slice of the input volume.")
+        return index
+
+    def useCandidates(self, segmentationNode, index, segmentIds=None):
+        """Make the union of segments (default: all the node holds, i.e. the candidates the
+        radiologist kept) on slice ``index`` a key slice of the session, previewed and pending:
+        propagate it or accept it as any mask. Returns the (rows, cols) mask."""
+        segmentation = segmentationNode.GetSegmentation()
+        if segmentIds is None:
+            count = segmentation.GetNumberOfSegments()
+            segmentIds = [segmentation.GetNthSegmentID(n) for n in range(count)]
+        if not segmentIds:
+            raise ValueError(f"{segmentationNode.GetName()} holds no segment.")
+        plane = self.plane()
+        mask = np.zeros(plane.grid_shape, dtype=bool)
+        for segmentId in segmentIds:
+            labels = self._segmentArray(segmentationNode, segmentId)
+            mask |= np.asarray(plane.grid(labels, int(index))) != 0
+        if not mask.any():
+            raise ValueError(f"The kept candidates are empty on slice {index}.")
+        session = self._getSession()
+        session.add_mask(int(index), mask)
+        self.showPreview(session.result())
+        return mask
 
     # ---------------------------------------------------------------- segments: accept, undo
     @staticmethod

@@ -33,6 +33,7 @@ _EXPORTS = {
     "DEFAULT_MODEL": "zoo",
     "select_device": "device",
     "CheckpointError": "errors",
+    "SamAutomaticMaskGenerator": "automatic_mask_generator",
 }
 
 __all__ = sorted(_EXPORTS)

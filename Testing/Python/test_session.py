@@ -144,6 +144,38 @@ def test_a_positive_correction_keeps_the_mask_it_corrects(shapes):
     assert not (result.mask & grid(segmenter, labels, 10, 2)).any()
 
 
+class CentrePredictor(ShapesPredictor):
+    """A model that latches on what a box is centred on: the bright region under the box's
+    centre, nothing when the centre is dark."""
+
+    def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None, **kwargs):
+        from scipy import ndimage
+
+        masks, iou, logits = super().predict(box=box)
+        regions, _ = ndimage.label(masks[0])
+        x0, y0, x1, y1 = np.asarray(box, dtype=np.float64)
+        centre = regions[int(round((y0 + y1) / 2)), int(round((x0 + x1) / 2))]
+        mask = (regions == centre) & (centre > 0)
+        logits = np.where(mask, 4.0, -4.0).astype(np.float32)
+        return mask[None], iou, logits[None]
+
+
+def test_a_positive_click_beyond_the_masks_edge_adds_to_it_and_never_shrinks_it(monkeypatch):
+    """No candidate both holds the click and keeps the mask (the boxes around the click find
+    only what is under it): the mask grows by what the model found at the click."""
+    monkeypatch.setattr("sam_core.predictor.SamPredictor", CentrePredictor)
+    volume, labels = scene()
+    segmenter = Segmenter(volume, ShapesSam(), intensity=IntensityMapping(level=40, width=400))
+    organ, column = grid(segmenter, labels, 10), grid(segmenter, labels, 10, 2)
+    session = InteractiveSession(segmenter=segmenter)
+    session.add_mask(10, organ)
+    x, y = centre_of(column)
+    session.add_click(10, (x, y), positive=True)
+    mask = session.keys[10].mask
+    assert (mask & organ).sum() == organ.sum() and mask[int(y), int(x)]
+    assert not (mask & ~organ & ~column).any()  # what it adds is what was clicked
+
+
 def test_a_negative_click_removes_the_part_it_lands_in(shapes):
     segmenter, labels = shapes
     organ, column = grid(segmenter, labels, 10), grid(segmenter, labels, 10, 2)
@@ -214,6 +246,55 @@ def test_an_roi_and_a_click_on_another_slice_make_two_keys_and_nothing_leaves_th
     truth = labels == 1
     pred = session.result_volume().astype(bool)
     assert 2 * (pred & truth).sum() / (pred.sum() + truth.sum()) > 0.8
+
+
+def test_an_roi_and_a_click_given_together_equal_the_roi_then_the_click_as_a_correction(shapes):
+    """The Slicer module and a prompt file give the ROI and the click at once; a user may also
+    place the click after seeing the ROI's result. Both mean "the ROI's result, corrected here"."""
+    segmenter, labels = shapes
+    from SlicerSAM.propagation import StopRules
+
+    stop = StopRules(min_iou=None)
+    # a loose ROI: its rectangle reaches the edge of the column beside the organ
+    roi = _roi_around(segmenter, labels, pad=4)
+    middle_box = box_of(grid(segmenter, labels, roi.middle))  # a tight box on the middle slice
+    x, y = centre_of(grid(segmenter, labels, 7))
+
+    together = InteractiveSession(segmenter=segmenter, stop=stop)
+    together.set_roi(roi)
+    together.segment(SlicePrompts(roi.middle, box_xyxy=middle_box))
+    together.segment(SlicePrompts(7, [[x, y]], [1]))
+    shown = together.keys[7].mask.copy()  # before propagation: the ROI's rectangle and the click
+    assert together.keys[7].stand_in
+    together.propagate()
+    assert not together.keys[7].stand_in
+
+    after = InteractiveSession(segmenter=segmenter, stop=stop)
+    after.set_roi(roi)
+    after.segment(SlicePrompts(roi.middle, box_xyxy=middle_box))
+    after.propagate()
+    after.add_click(7, (x, y), positive=True)
+    after.propagate()
+
+    assert np.array_equal(together.result_volume(), after.result_volume())
+    # the rectangle alone also caught the edge of the column beside the organ; the ROI's result,
+    # which the click only confirms, does not
+    column = grid(segmenter, labels, 7, 2)
+    assert (shown & column).any() and not (together.result()[7] & column).any()
+
+
+def test_a_cancelled_propagation_keeps_clicks_waiting_for_the_rois_result(shapes):
+    segmenter, labels = shapes
+    roi = _roi_around(segmenter, labels)
+    session = InteractiveSession(segmenter=segmenter)
+    session.set_roi(roi)
+    session.segment(SlicePrompts(roi.middle, box_xyxy=roi.bounds_xyxy))
+    x, y = centre_of(grid(segmenter, labels, 7))
+    session.segment(SlicePrompts(7, [[x, y]], [1]))
+    keys = dict(session.keys)
+    with pytest.raises(Cancelled):
+        session.propagate(cancel=lambda: segmenter.predictor.decodes > 6)
+    assert session.keys == keys and session.keys[7].stand_in and session.propagation is None
 
 
 def test_a_click_outside_the_roi_is_refused_before_any_model_work(shapes):

@@ -442,3 +442,133 @@ def test_every_mrml_method_the_module_calls_exists_on_slicers_classes():
     files.append(ROOT / "Resources" / "Scripts" / "batch_segment.py")
     info = _run(API, *files)
     assert len(info["called"]) > 30 and info["unknown"] == [], info["unknown"]
+
+
+REMOTE = """
+    import json, sys
+    import numpy as np
+    import slicer_core_harness as h
+
+    ct, click, centre, size, url = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+    slicer, logics = h.scene()
+    module = h.load_module()
+    from SlicerSAM.intensity import parse_intensity
+    from SlicerSAMLib import storage
+
+    volume = storage.loadVolume(ct)
+    positive = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "positive")
+    positive.AddControlPoint(*[float(v) for v in click.split(",")])
+    box = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "ROI")
+    box.SetCenter([float(v) for v in centre.split(",")])
+    box.SetSize([float(v) for v in size.split(",")])
+    out = {}
+    for where in ("here", "server"):
+        logic = module.SlicerSAMLogic()
+        logic.setServer(url if where == "server" else None)
+        logic.setVolume(volume, parse_intensity("40,400"))
+        logic.segmentSlice(positiveNode=positive, roiNode=box)
+        logic.propagate("both")
+        segmentation = logic.ensureSegmentation()
+        segment_id = logic.addSegment(segmentation, where)
+        logic.accept(segmentation, segment_id)
+        out[where] = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume)
+        out[where + "_undo"] = bool(logic.undo())
+        out[where + "_device"] = logic.deviceText()
+    print(json.dumps({
+        "same": bool(np.array_equal(out["here"], out["server"])),
+        "voxels": int(out["server"].sum()),
+        "undo": [out["here_undo"], out["server_undo"]],
+        "device": out["server_device"],
+    }))
+"""
+
+
+@pytest.mark.slow
+def test_the_module_computing_on_a_server_gives_the_same_segment_as_here(
+    shared_data, litemedsam_checkpoint
+):
+    """The Logic set to compute on a server (python -m SlicerSAM serve on 127.0.0.1): the same
+    segment, accept and undo as on this computer."""
+    pytest.importorskip("fastapi", reason="the server needs FastAPI")
+    from test_server import Server
+
+    click, centre, size, _ = _kidney_prompts(shared_data)
+    joined = [",".join(f"{v:.6f}" for v in x) for x in (click, centre, size)]
+    server = Server()
+    try:
+        info = _run(REMOTE, shared_data / CT, *joined, server.url)
+    finally:
+        server.stop()
+    assert info["same"] and info["voxels"] > 0 and info["undo"] == [True, True]
+    assert info["device"] == f"server {server.url}"
+
+
+EVERYTHING = """
+    import json, sys
+    import numpy as np
+    import slicer_core_harness as h
+
+    ct_path, labels_path = sys.argv[1:3]
+    slicer, logics = h.scene()
+    module = h.load_module()
+    from SlicerSAM.everything import segment_everything
+    from SlicerSAM.intensity import parse_intensity
+    from SlicerSAMLib import storage
+
+    ct = storage.loadVolume(ct_path)
+    reference = slicer.util.arrayFromVolume(storage.loadVolume(labels_path, labelmap=True))
+    logic = module.SlicerSAMLogic()
+    logic.setVolume(ct, parse_intensity("40,400"))
+    logic.loadModel()
+    plane = logic.plane()
+    liver = reference == 5
+    k = int(np.argmax([plane.grid(liver, i).sum() for i in range(plane.num_slices)]))
+    # the Red view shows slice k: the module reads the index from the view
+    ras = logic.volume.kji_to_ras(np.array([[k, 50, 60]]))[0]
+    slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed").SetSliceOffset(float(ras[2]))
+    out = {"view_index": logic.sliceIndexOfView("Red"), "k": k}
+    scene_nodes = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    node, ids = logic.segmentEverything(k)
+    seg = node.GetSegmentation()
+    engine = segment_everything(logic.session.segmenter, k)
+    masks = [slicer.util.arrayFromSegmentBinaryLabelmap(node, i, ct) for i in ids]
+    out["same_as_engine"] = len(ids) == len(engine) and all(
+        np.array_equal(m[k] != 0, c.mask) and not np.delete(m, k, axis=0).any()
+        for m, c in zip(masks, engine)
+    )
+    out["names"] = [seg.GetSegment(i).GetName() for i in ids[:2]]
+    out["new_nodes"] = (
+        slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") - scene_nodes
+    )
+    out["pending_before"] = logic.pending is not None
+    # keep the candidate that best matches the liver, delete the rest, use it, propagate
+    found = [m[k] != 0 for m in masks]
+    dice = [2 * (f & liver[k]).sum() / (f.sum() + liver[k].sum()) for f in found]
+    best = int(np.argmax(dice))
+    out["best_dice"] = float(dice[best])
+    for n, segment_id in enumerate(ids):
+        if n != best:
+            seg.RemoveSegment(segment_id)
+    logic.useCandidates(node, k)
+    out["key"] = sorted(logic.keyMasks)
+    logic.propagate()
+    pending = logic.pending
+    vol = plane.stack(pending, dtype=bool)
+    out["propagated_dice"] = float(2 * (vol & liver).sum() / (vol.sum() + liver.sum()))
+    out["slices"] = len([i for i, m in pending.items() if m.any()])
+    print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_segment_everything_fills_a_segmentation_and_a_kept_candidate_propagates(
+    shared_data, litemedsam_checkpoint
+):
+    info = _run(EVERYTHING, shared_data / CT, shared_data / LABELS)
+    assert info["view_index"] == info["k"]
+    assert info["same_as_engine"] and info["new_nodes"] == 1
+    assert info["names"][0].startswith("candidate 1 (IoU ")
+    assert not info["pending_before"]  # candidates change nothing until one is used
+    assert info["best_dice"] >= 0.8, info
+    assert info["key"] == [info["k"]]
+    assert info["slices"] > 5 and info["propagated_dice"] >= 0.7, info

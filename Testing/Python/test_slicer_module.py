@@ -777,7 +777,7 @@ def test_the_ui_file_holds_every_widget_the_module_uses():
     )
     assert used and not sorted(used - set(widgets)), sorted(used - set(widgets))
     declared = {c.findtext("class") for c in root.iter("customwidget")}
-    qt_classes = {"QComboBox", "QPushButton", "QLabel", "QCheckBox", "QWidget"}
+    qt_classes = {"QComboBox", "QPushButton", "QLabel", "QCheckBox", "QLineEdit", "QWidget"}
     assert set(widgets.values()) - qt_classes <= declared
     # the scene reaches every MRML widget through the top widget's signal
     receivers = {c.findtext("receiver") for c in root.iter("connection")}

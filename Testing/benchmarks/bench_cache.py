@@ -31,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import cpu_text  # noqa: E402
 
 DEFAULT_IMAGE = ROOT.parent / "shared" / "data" / "ct-abdomen-3mm" / "ct-112-slices.nii.gz"
 
@@ -168,11 +170,13 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
+        "cpu": cpu_text(),
     }
 
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
     print(f"volume {args.image} {volume.shape} (K, J, I), {n} {plane.orientation} slices")
     print(f"model {seg.model_name} on {seg.device} (loaded in {load_ms:.0f} ms)")
+    print(f"CPU: {cpu_text()}, torch threads {torch.get_num_threads()}")
     print()
     print(f"{'measure':<48} {'value':>12}")
     print("-" * 61)

@@ -3,11 +3,14 @@
 Replays the ``clicks-N`` protocol (docs/protocols.md: a click at the most interior point of the
 reference, then each next click at the most interior point of the largest error region) with up
 to 5 clicks on every slice of every structure of ``../shared/data/ct-abdomen-3mm`` (>= 200
-voxels), answering the clicks with :func:`SlicerSAM.box_search.search_box` (LiteMedSAM), and
-prints the mean over structures of the 3D Dice after 1, 2, ... 5 clicks (after 3 and 5 clicks:
-the ``clicks-3`` and ``clicks-5`` benchmark figures; a slice where nothing is wrong stops early).
+voxels), with LiteMedSAM, and
+prints the mean over structures of the 3D Dice after 1, 2, ... 5 clicks. Each click is added to
+an :class:`~SlicerSAM.session.InteractiveSession` as ``clicks-N`` adds it (the first answered by
+the box search, the later ones correcting the mask), so after 3 and 5 clicks these are the
+``clicks-3`` and ``clicks-5`` benchmark figures; a slice where nothing is wrong stops early.
 
-``--variant`` replaces how a candidate mask's clicks are counted (``clicks_honoured``), to compare
+``--variant`` replaces how the box search counts a candidate mask's clicks when it ranks them
+(``clicks_honoured`` as ``rank_boxes`` calls it), to compare
 the default with what was tried before it (docs/propagation.md, "Clicks for box-trained models"):
 
 * ``default``: the module as it is: positive clicks honoured first, then negative ones; clicks
@@ -38,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import case_parser, open_case  # noqa: E402
 
 import SlicerSAM.box_search as box_search  # noqa: E402
-from SlicerSAM.prompts import SlicePrompts  # noqa: E402
-from SlicerSAM.protocols import _grid_to_image_mask, error_click, select_structures  # noqa: E402
+from SlicerSAM.mask_geometry import grid_to_image_mask  # noqa: E402
+from SlicerSAM.protocols import error_click, select_structures  # noqa: E402
 
 CLICKS = 5
 VARIANTS = ("default", "count", "anchored", "positive-first")
@@ -94,31 +97,27 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def replay(segmenter, reference, names) -> dict:
-    """{structure: [3D Dice after 1 .. CLICKS clicks]}, clicks-N on every slice it is on."""
+    """{structure: [3D Dice after 1 .. CLICKS clicks]}, clicks-N on every slice it is on, each
+    click added to an :class:`InteractiveSession` as the ``clicks-N`` protocol adds it."""
+    from SlicerSAM.session import InteractiveSession
+
     plane = segmenter.plane
     out = {}
     for label, name, _ in select_structures(reference, names, 200):
         mask3d = reference == label
         after = [np.zeros(mask3d.shape, dtype=bool) for _ in range(CLICKS)]
+        session = InteractiveSession(segmenter=segmenter)
         for index in range(plane.num_slices):
             ref = np.asarray(plane.grid(mask3d, index), dtype=bool)
             if not ref.any():
                 continue
-            ref_img = _grid_to_image_mask(plane, ref)
-            points, labels = [], []
+            ref_img = grid_to_image_mask(plane, ref)
             mask = np.zeros(plane.grid_shape, dtype=bool)
             for n in range(CLICKS):
-                click = error_click(_grid_to_image_mask(plane, mask), ref_img)
+                click = error_click(grid_to_image_mask(plane, mask), ref_img)
                 if click is not None:  # else nothing is wrong: the mask stays
-                    points.append(click[:2])
-                    labels.append(click[2])
-                    prompts = SlicePrompts(
-                        index,
-                        points_xy=np.asarray(points, np.float32),
-                        point_labels=np.asarray(labels, np.int32),
-                    )
-                    result = segmenter.segment(index, prompts, multimask=(n == 0))
-                    mask = np.asarray(result.masks[result.best], dtype=bool)
+                    session.add_click(index, click[:2], positive=bool(click[2]))
+                    mask = session.keys[index].mask
                 plane.set_grid(after[n], index, mask)
         out[name] = [dice(pred, mask3d) for pred in after]
         print(f"  {name}: " + " ".join(f"{d:.3f}" for d in out[name]), file=sys.stderr, flush=True)
@@ -131,7 +130,17 @@ def main(argv=None) -> int:
     parser.add_argument("--tolerance", type=float, default=box_search.CLICK_TOLERANCE_PX)
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    box_search.clicks_honoured = counting(args.variant, args.tolerance)
+    original, variant = box_search.clicks_honoured, counting(args.variant, args.tolerance)
+
+    def ranking_only(mask, points_xy, point_labels, *rest, **options):
+        # rank_boxes counts with three arguments; honours_all (whether a mask agrees with every
+        # click, a yes/no the session and the corrections rely on) passes a tolerance and keeps
+        # the module's own rule
+        if rest or options:
+            return original(mask, points_xy, point_labels, *rest, **options)
+        return variant(mask, points_xy, point_labels)
+
+    box_search.clicks_honoured = ranking_only
     case = open_case(args)
     if case is None:
         return 2

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -43,6 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "Testing" / "Python"))  # reference_oracles
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import cpu_text  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 CT = DATA / "ct-abdomen-3mm"
@@ -55,16 +56,6 @@ DICOM_BOXES = [
     [248, 284, 280, 314],
     [214, 302, 292, 388],
 ]
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _rss_mb() -> float:
@@ -269,7 +260,7 @@ def main(argv=None) -> int:
 
     print(
         f"torch {torch.__version__}, {threads} intra-op threads (ours decodes with "
-        f"{decode_threads}), CPU: {_cpu_model()} ({os.cpu_count()} logical CPUs)"
+        f"{decode_threads}), CPU: {cpu_text()}"
     )
     print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"checkpoint: {sam.checkpoint_path}")
@@ -415,7 +406,7 @@ def main(argv=None) -> int:
             "torch": torch.__version__,
             "threads": threads,
             "decode_threads": decode_threads,
-            "cpu": _cpu_model(),
+            "cpu": cpu_text(),
             "load_average": [load, load_after],
             "medians_ms": m,
             "p2m_ours_all_ms": p2m_ours_all,
