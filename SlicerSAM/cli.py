@@ -284,19 +284,12 @@ def _candidates_json_path(output: str) -> str:
     return output + ".json"
 
 
-# distinct colours (0..1) for candidate segments, cycled
-_CANDIDATE_COLOURS = (
-    (0.90, 0.30, 0.25), (0.30, 0.65, 0.90), (0.40, 0.80, 0.35), (0.95, 0.75, 0.20),
-    (0.70, 0.45, 0.85), (0.20, 0.80, 0.75), (0.95, 0.50, 0.70), (0.60, 0.60, 0.60),
-)  # fmt: skip
-
-
 def cmd_everything(args) -> int:
     """`everything`: every mask the model finds on one slice, one segment each, largest first,
     with their confidences in the names and in a JSON beside the segmentation."""
     import numpy as np
 
-    from SlicerSAM.everything import check_slice
+    from SlicerSAM.everything import CANDIDATE_COLOURS, candidate_name, check_slice
     from SlicerSAM.outputs import write_overlapping_segmentation
     from SlicerSAM.reports import write_json
 
@@ -327,11 +320,11 @@ def cmd_everything(args) -> int:
     spacing = plane.grid_spacing
     masks, segments, records = [], [], []
     for number, c in enumerate(candidates, 1):
-        name = f"candidate {number} (IoU {c.predicted_iou:.2f}, stability {c.stability_score:.2f})"
+        name = candidate_name(number, c)
         volume_mask = plane.stack({index: c.mask}, dtype=bool)
         centroid = volume.kji_to_ras(np.argwhere(volume_mask).mean(axis=0)[None])[0]
         masks.append(volume_mask)
-        segments.append((name, _CANDIDATE_COLOURS[(number - 1) % len(_CANDIDATE_COLOURS)]))
+        segments.append((name, CANDIDATE_COLOURS[(number - 1) % len(CANDIDATE_COLOURS)]))
         records.append(
             {
                 "segment": number,

@@ -31,7 +31,9 @@ __all__ = [
     "BOX_FILTERS",
     "BOX_POINTS_PER_SIDE",
     "BOX_SIDES_MM",
+    "CANDIDATE_COLOURS",
     "Candidate",
+    "candidate_name",
     "check_slice",
     "segment_everything",
 ]
@@ -41,6 +43,11 @@ __all__ = [
 BOX_SIDES_MM: Tuple[float, ...] = (12.0, 24.0, 48.0, 96.0, 192.0)
 #: Grid points per side for box-trained models (x len(BOX_SIDES_MM) decodes per point).
 BOX_POINTS_PER_SIDE = 8
+#: Distinct colours (r, g, b in 0..1) for candidate segments, cycled (CLI and Slicer module).
+CANDIDATE_COLOURS = (
+    (0.90, 0.30, 0.25), (0.30, 0.65, 0.90), (0.40, 0.80, 0.35), (0.95, 0.75, 0.20),
+    (0.70, 0.45, 0.85), (0.20, 0.80, 0.75), (0.95, 0.50, 0.70), (0.60, 0.60, 0.60),
+)  # fmt: skip
 #: (pred_iou_thresh, stability_score_thresh, box_nms_thresh) for box-trained models.
 BOX_FILTERS: Tuple[float, float, float] = (0.3, 0.7, 0.7)
 
@@ -64,6 +71,14 @@ class Candidate:
     def area(self) -> int:
         """Voxels in the mask."""
         return int(self.mask.sum())
+
+
+def candidate_name(number: int, candidate: Candidate) -> str:
+    """The segment name of the ``number``-th candidate (from 1): its rank and confidence."""
+    return (
+        f"candidate {number} (IoU {candidate.predicted_iou:.2f}, "
+        f"stability {candidate.stability_score:.2f})"
+    )
 
 
 def check_slice(plane, volume, index) -> int:

@@ -635,11 +635,6 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         return result
 
     # ---------------------------------------------------------------- segment everything
-    CANDIDATE_COLOURS = (
-        (0.90, 0.30, 0.25), (0.30, 0.65, 0.90), (0.40, 0.80, 0.35), (0.95, 0.75, 0.20),
-        (0.70, 0.45, 0.85), (0.20, 0.80, 0.75), (0.95, 0.50, 0.70), (0.60, 0.60, 0.60),
-    )  # fmt: skip
-
     def segmentEverything(self, index):
         """Every mask the model finds on slice ``index`` (current orientation), one segment each
         in a new segmentation, largest first, named with its predicted IoU and stability.
@@ -649,6 +644,7 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         failure leaves no segmentation behind. Returns (segmentation node, segment ids).
         """
         from SlicerSAM.editing import bounding_region
+        from SlicerSAM.everything import CANDIDATE_COLOURS, candidate_name
 
         if self.serverUrl:
             raise ValueError(
@@ -668,15 +664,21 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
             segmentation = node.GetSegmentation()
             ids = []
             for number, c in enumerate(candidates, 1):
-                name = (
-                    f"candidate {number} (IoU {c.predicted_iou:.2f}, "
-                    f"stability {c.stability_score:.2f})"
-                )
-                colour = self.CANDIDATE_COLOURS[(number - 1) % len(self.CANDIDATE_COLOURS)]
-                segmentId = segmentation.AddEmptySegment("", name, colour)
+                name = candidate_name(number, c)
                 mask = plane.stack({index: c.mask}, dtype=np.uint8)
                 region = bounding_region(mask)
-                self._writeRegion(node, segmentId, region, mask[region.slices])
+                # a labelmap of its own: candidates overlap, and a segment written into a
+                # shared layer would overwrite the others there
+                segment = slicer.vtkSegment()
+                segment.SetName(name)
+                segment.SetColor(CANDIDATE_COLOURS[(number - 1) % len(CANDIDATE_COLOURS)])
+                segment.AddRepresentation(
+                    slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(),
+                    self._labelmapImage(region, mask[region.slices]),
+                )
+                segmentId = f"candidate_{number}"
+                if not segmentation.AddSegment(segment, segmentId):
+                    raise RuntimeError(f"Could not add {name} to {node.GetName()}.")
                 ids.append(segmentId)
         except Exception:
             slicer.mrmlScene.RemoveNode(node)
@@ -778,16 +780,9 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         check_labels_on_grid(array, self.volume.shape, f"segment {segmentId}")
         return (np.asarray(array) != 0).astype(np.uint8)
 
-    def _writeRegion(self, segmentationNode, segmentId, region, block, ijkToRas=None):
-        """Set the segment to ``block`` (0/1, region.shape) inside ``region`` only.
-
-        ``region`` indexes the voxel grid of ``ijkToRas`` (4x4 numbers; default: the current
-        input volume's grid).
-
-        Two region-limited merges, as the Segment Editor does: MERGE_MIN clears the segment where
-        the block is 0, MERGE_MASK sets it where the block is 1; ``extent`` keeps both inside the
-        region and other segments of a shared labelmap are left as they are.
-        """
+    def _labelmapImage(self, region, block, ijkToRas=None):
+        """A binary labelmap (vtkOrientedImageData) of ``block`` (0/1, region.shape) placed at
+        ``region`` of the voxel grid of ``ijkToRas`` (default: the input volume's)."""
         from vtk.util.numpy_support import vtk_to_numpy
 
         image = slicer.vtkOrientedImageData()
@@ -803,6 +798,19 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
             (np.asarray(block) != 0).astype(np.uint8).ravel()
         )
         image.Modified()
+        return image
+
+    def _writeRegion(self, segmentationNode, segmentId, region, block, ijkToRas=None):
+        """Set the segment to ``block`` (0/1, region.shape) inside ``region`` only.
+
+        ``region`` indexes the voxel grid of ``ijkToRas`` (4x4 numbers; default: the current
+        input volume's grid).
+
+        Two region-limited merges, as the Segment Editor does: MERGE_MIN clears the segment where
+        the block is 0, MERGE_MASK sets it where the block is 1; ``extent`` keeps both inside the
+        region and other segments of a shared labelmap are left as they are.
+        """
+        image = self._labelmapImage(region, block, ijkToRas)
         logic = slicer.vtkSlicerSegmentationsModuleLogic
         extent = list(region.extent)
         for mode in (logic.MODE_MERGE_MIN, logic.MODE_MERGE_MASK):

@@ -533,7 +533,8 @@ EVERYTHING = """
     engine = segment_everything(logic.session.segmenter, k)
     masks = [slicer.util.arrayFromSegmentBinaryLabelmap(node, i, ct) for i in ids]
     out["same_as_engine"] = len(ids) == len(engine) and all(
-        np.array_equal(m[k] != 0, c.mask) and not np.delete(m, k, axis=0).any()
+        np.array_equal(np.asarray(plane.grid(m, k)) != 0, c.mask)
+        and not np.delete(m, k, axis=0).any()
         for m, c in zip(masks, engine)
     )
     out["names"] = [seg.GetSegment(i).GetName() for i in ids[:2]]

@@ -55,7 +55,8 @@ def main() -> int:
     cache = EmbeddingCache(budget_mb=2048, disk_dir=args.cache_dir)
     print(cpu_text())
     print(
-        f"LiteMedSAM, {args.points_per_side} x {args.points_per_side} grid, filters {BOX_FILTERS}"
+        f"LiteMedSAM, {args.points_per_side} x {args.points_per_side} grid of {args.prompt}, "
+        f"filters {BOX_FILTERS}"
     )
     variants = [("filtered", {})]
     if args.unfiltered:
