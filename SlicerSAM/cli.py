@@ -310,6 +310,7 @@ def cmd_everything(args) -> int:
         points_per_side=args.points_per_side,
         pred_iou_thresh=args.pred_iou_thresh,
         stability_score_thresh=args.stability_thresh,
+        prompt=args.prompt,
     )
     if not candidates:
         raise SlicerSAMError(
@@ -674,6 +675,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", help="candidate records (default: the output's name with .json, beside it)"
     )
     p.add_argument("--points-per-side", type=int, help="prompt grid size (default: the model's)")
+    p.add_argument(
+        "--prompt",
+        choices=("points", "boxes", "search"),
+        help="what each grid point prompts: a point (SAM), boxes of several sizes, or a click "
+        "made a box by the click search (default: points for SAM, boxes for box-trained models)",
+    )
     p.add_argument(
         "--pred-iou-thresh",
         type=float,

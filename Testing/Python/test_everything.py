@@ -172,6 +172,36 @@ def test_records_on_a_ct_slice_follow_the_official_format_and_filters(ct_segment
 
 @pytest.mark.slow
 @pytest.mark.shared_data
+def test_crops_are_encoded_and_their_masks_put_back_in_place(ct_segmenter):
+    segmenter, _ = ct_segmenter
+    image = segmenter.model_image(15)
+    h, w = image.shape[:2]
+    generator = SamAutomaticMaskGenerator(
+        segmenter.predictor,
+        points_per_side=2,
+        prompt="boxes",
+        box_sizes=(0.3,),
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.0,
+        crop_n_layers=1,
+        crop_nms_thresh=1.0,  # keep the duplicates across crops: every crop is seen
+    )
+    records = generator.generate(image)
+    crops = {tuple(r["crop_box"]) for r in records}
+    assert (0.0, 0.0, float(w), float(h)) in crops and len(crops) >= 3
+    for r in records:
+        x0, y0, cw, ch = (int(v) for v in r["crop_box"])
+        mask = r["segmentation"]
+        assert mask.shape == (h, w) and mask.any()
+        outside = mask.copy()
+        outside[y0 : y0 + ch, x0 : x0 + cw] = False
+        assert not outside.any()  # a crop's mask lies inside the crop
+        px, py = r["point_coords"][0]
+        assert x0 <= px <= x0 + cw and y0 <= py <= y0 + ch
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
 def test_the_candidates_of_an_axial_slice_hold_its_large_organs(ct_segmenter):
     """Measured (docs/benchmarks.md, "Segment everything"): on the slice where the liver is
     largest, the best candidates for liver, spleen, stomach and aorta."""

@@ -19,6 +19,7 @@ import argparse
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -43,25 +44,30 @@ def percentiles(values) -> str:
     return " / ".join(f"{np.percentile(v, q):.1f}" for q in (50, 90, 99))
 
 
-def start_server():
+def start_server(timeout_s: float = 300.0):
+    """Start ``python -m SlicerSAM serve`` on a free loopback port; (process, url) once it
+    answers /health. Its stderr goes to a temporary file, printed if it does not start."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    log = tempfile.TemporaryFile(mode="w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "SlicerSAM", "serve", "--port", str(port), "--max-sessions", "64"],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=log,
     )
     url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
         try:
             with urllib.request.urlopen(url + "/health", timeout=2):
                 return process, url
         except OSError:
-            time.sleep(0.2)
+            time.sleep(0.5)
     process.kill()
-    raise RuntimeError("the server did not start")
+    log.seek(0)
+    raise RuntimeError(f"the server did not start:\n{log.read()[-2000:]}")
 
 
 def main(argv=None) -> int:
