@@ -71,7 +71,15 @@ def test_python_dash_m_shows_every_command():
         text=True,
         check=True,
     ).stdout
-    for command in ("segment", "propagate", "evaluate", "benchmark", "models", "demo"):
+    for command in (
+        "segment",
+        "propagate",
+        "everything",
+        "evaluate",
+        "benchmark",
+        "models",
+        "demo",
+    ):
         assert command in out
 
 
