@@ -679,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt",
         choices=("points", "boxes", "search"),
         help="what each grid point prompts: a point (SAM), boxes of several sizes, or a click "
-        "made a box by the click search (default: points for SAM, boxes for box-trained models)",
+        "made a box by the click search (default: points for SAM, search for box-trained models)",
     )
     p.add_argument(
         "--pred-iou-thresh",

@@ -204,6 +204,13 @@ def test_a_client_that_goes_away_mid_propagation_leaves_the_server_serving(serve
         s.close()
 
 
+def _array_upload(url, shape, body: bytes):
+    """POST a raw int16 array of ``shape`` (its header) with ``body`` as its bytes."""
+    header = {"dtype": "<i2", "shape": shape, "ijk_to_ras": np.eye(4).ravel().tolist()}
+    headers = {"X-SlicerSAM-Format": "array", "X-SlicerSAM-Array": json.dumps(header)}
+    return request(f"{url}/sessions", "POST", body, headers)
+
+
 @pytest.mark.parametrize(
     "case, call, status, message",
     [
@@ -228,41 +235,13 @@ def test_a_client_that_goes_away_mid_propagation_leaves_the_server_serving(serve
         ),
         (
             "a header that does not fit the body",
-            lambda url: request(
-                f"{url}/sessions",
-                "POST",
-                b"\0" * 10,
-                {
-                    "X-SlicerSAM-Format": "array",
-                    "X-SlicerSAM-Array": json.dumps(
-                        {
-                            "dtype": "<i2",
-                            "shape": [2, 2, 2],
-                            "ijk_to_ras": np.eye(4).ravel().tolist(),
-                        }
-                    ),
-                },
-            ),
+            lambda url: _array_upload(url, [2, 2, 2], b"\0" * 10),
             400,
             "the array header says 16 bytes, the body has 10",
         ),
         (
             "a volume too large",
-            lambda url: request(
-                f"{url}/sessions",
-                "POST",
-                b"",
-                {
-                    "X-SlicerSAM-Format": "array",
-                    "X-SlicerSAM-Array": json.dumps(
-                        {
-                            "dtype": "<i2",
-                            "shape": [4000, 4000, 4000],
-                            "ijk_to_ras": np.eye(4).ravel().tolist(),
-                        }
-                    ),
-                },
-            ),
+            lambda url: _array_upload(url, [4000, 4000, 4000], b""),
             400,
             "is more than this server takes",
         ),

@@ -6,12 +6,12 @@ the candidates; every reference structure with >= 20 voxels on the slice is matc
 best candidate by Dice. Printed per axis: recall at Dice >= 0.5 and >= 0.8, the mean best Dice,
 candidates per slice, and seconds per slice (decoding only: the slices are encoded first);
 ``--unfiltered`` also prints the same figures before the confidence filters (every mask of the
-grid), ``--points-per-side N`` another grid, ``--prompt search`` each grid point as a click
-made a box by the click search instead of the grid of boxes. docs/benchmarks.md ("Segment
-everything") quotes its output. From the repository root:
+grid), ``--points-per-side N`` another grid, ``--prompt boxes`` square boxes of several sizes
+around each grid point instead of the default click made a box by the click search.
+docs/benchmarks.md ("Segment everything") quotes its output. From the repository root:
 
     python Testing/benchmarks/bench_everything.py [--cache-dir DIR] [--unfiltered]
-        [--points-per-side N] [--prompt boxes|search]
+        [--points-per-side N] [--prompt search|boxes]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main() -> int:
     parser.add_argument("--points-per-side", type=int, default=BOX_POINTS_PER_SIDE)
     parser.add_argument("--unfiltered", action="store_true", help="also without the filters")
     parser.add_argument(
-        "--prompt", choices=("boxes", "search"), default="boxes", help="grid of boxes or clicks"
+        "--prompt", choices=("boxes", "search"), default="search", help="grid of clicks or boxes"
     )
     args = parser.parse_args()
     if not DATA.is_dir():
