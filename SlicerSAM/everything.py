@@ -194,6 +194,8 @@ def _searched(segmenter, index: int, options: dict, min_area: int) -> List[Candi
     from SlicerSAM.prompts import SlicePrompts
 
     h, w = segmenter.plane.image_shape
+    threshold = segmenter.predictor.mask_threshold
+    iou_t, stab_t = options["pred_iou_thresh"], options["stability_score_thresh"]
     found = []
     for x, y in build_point_grid(options["points_per_side"]) * [w, h]:
         prompts = SlicePrompts(
@@ -201,15 +203,12 @@ def _searched(segmenter, index: int, options: dict, min_area: int) -> List[Candi
         )
         result = segmenter.segment(index, prompts)
         logits = torch.from_numpy(result.low_res_logits[result.best][None])
-        stability = float(stability_scores(logits, 0.0, 1.0)[0])
+        stability = float(stability_scores(logits, threshold, 1.0)[0])
         iou = float(result.iou[result.best])
-        mask = result.mask
-        if (
-            iou > options["pred_iou_thresh"]
-            and stability >= options["stability_score_thresh"]
-            and mask.sum() >= min_area
-        ):
-            found.append(Candidate(mask, iou, stability, (float(x), float(y))))
+        if (iou_t > 0 and iou <= iou_t) or (stab_t > 0 and stability < stab_t):
+            continue  # a threshold of 0 turns its filter off, as in the generator
+        if result.mask.sum() >= min_area:
+            found.append(Candidate(result.mask, iou, stability, (float(x), float(y))))
     if not found:
         return []
     boxes = mask_boxes(torch.from_numpy(np.stack([c.mask for c in found])))
