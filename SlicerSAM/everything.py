@@ -155,9 +155,8 @@ def segment_everything(
         sides = tuple(min(1.0, float(s) / longer_mm) for s in box_sides_mm)
         options.update(prompt="boxes", box_sizes=sides)
     embedding = segmenter.embedding(index)
-    with segmenter._predict_lock:  # the predictor's state is shared with prompts on any slice
-        generator = SamAutomaticMaskGenerator(segmenter.predictor, **options)
-        records = generator.generate_from_embedding(embedding)
+    with segmenter.predictor_on(embedding) as predictor:
+        records = SamAutomaticMaskGenerator(predictor, **options).generate_from_embedding(embedding)
     same_grid = tuple(plane.image_shape) == tuple(plane.grid_shape)
     candidates = []
     for record in records:

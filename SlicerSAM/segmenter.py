@@ -24,6 +24,7 @@ under a lock.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -436,6 +437,14 @@ class Segmenter:
         self.close()
 
     # ------------------------------------------------------------------ prompts -> masks
+    @contextlib.contextmanager
+    def predictor_on(self, embedding):
+        """The predictor with ``embedding`` set, held for this thread alone (the predictor's
+        state is shared by every prompt on any slice): ``with seg.predictor_on(emb) as p:``."""
+        with self._predict_lock:
+            self.predictor.set_embedding(embedding)
+            yield self.predictor
+
     def _mask_prompt_logits(self, mask: np.ndarray) -> np.ndarray:
         if tuple(mask.shape) != tuple(self.plane.grid_shape):
             raise PromptError(
@@ -486,8 +495,7 @@ class Segmenter:
         if self.point_prompts == "box" and prompts.points_xy is not None:
             return self._segment_clicks_as_box(index, prompts, embedding, bool(multimask), max_area)
         t0 = time.perf_counter()
-        with self._predict_lock:
-            self.predictor.set_embedding(embedding)  # first: mask_to_low_res uses its frame
+        with self.predictor_on(embedding):  # first: mask_to_low_res uses its frame
             mask_input = prompts.mask_logits
             if mask_input is None and prompts.mask is not None:
                 mask_input = self._mask_prompt_logits(prompts.mask)
@@ -608,8 +616,7 @@ class Segmenter:
             return boxes if prompts.bounds_xyxy is None else within(boxes, prompts.bounds_xyxy)
 
         t0 = time.perf_counter()
-        with self._predict_lock:
-            self.predictor.set_embedding(embedding)
+        with self.predictor_on(embedding):
             previous = None
             if prompts.mask is not None and prompts.box_xyxy is None:
                 previous = tight_box(to_image(prompts.mask))
