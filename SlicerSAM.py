@@ -8,22 +8,17 @@ Slicer loads this file by path as the module ``SlicerSAM``; setting ``__path__``
 act as a package whose submodules are the engine's files, so ``import SlicerSAM.session`` finds
 the engine inside Slicer, while plain Python (pytest, ``python -m SlicerSAM``) finds the package
 folder first and never runs this file (``SlicerSAM/__init__.py`` holds nothing for that reason).
-Nothing here imports torch: the panel shows before PyTorch is installed on first use. No
-``from __future__ import annotations``: ``parameterNodeWrapper`` needs real annotation objects
-(Slicer 5.8 is Python 3.9: ``typing.Union``, never ``X | Y``).
+Nothing here imports torch (the panel shows before PyTorch is installed). No postponed
+annotations: ``parameterNodeWrapper`` needs real ones (Slicer 5.8 is Python 3.9: ``Union``).
 """
 
-import contextlib
 import logging
 import os
 import sys
-import unittest
 from typing import Union
 
-import numpy as np
 import qt
 import slicer
-import vtk
 from slicer import (
     vtkMRMLLabelMapVolumeNode,
     vtkMRMLMarkupsFiducialNode,
@@ -45,19 +40,12 @@ __path__ = [os.path.join(_MODULE_DIR, "SlicerSAM")]
 if _MODULE_DIR not in sys.path:
     sys.path.insert(0, _MODULE_DIR)  # sam_core and SlicerSAMLib sit next to this file
 
-from SlicerSAMLib.logic import SlicerSAMLogic  # noqa: E402 (needs the path above; no torch)
+from SlicerSAMLib import gui  # noqa: E402 (needs the path above; no torch)
+from SlicerSAMLib.logic import SlicerSAMLogic  # noqa: E402
 
 _ENGINE_PACKAGES = ("SlicerSAM.", "sam_core", "SlicerSAMLib")
 _PREVIEW_DEBOUNCE_MS = 300  # live preview waits this long after the last prompt change
 _ENCODE_POLL_MS = 50  # how often the GUI checks the background slice encoding
-_SHORTCUTS = {  # kept off Slicer's single-key slice-view shortcuts (b, f, r, v, ...)
-    "Shift+P": "placePositive",
-    "Shift+N": "placeNegative",
-    "Shift+B": "placeBox",
-    "Shift+C": "nextCandidate",
-    "Shift+A": "accept",
-    "Shift+U": "undo",
-}
 
 
 def _purgeEngineModules():
@@ -67,9 +55,7 @@ def _purgeEngineModules():
             del sys.modules[name]
 
 
-#
-# Module
-#
+# -------------------- Module
 class SlicerSAM(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
@@ -92,9 +78,7 @@ class SlicerSAM(ScriptedLoadableModule):
         )
 
 
-#
-# Parameter node
-#
+# -------------------- Parameter node
 @parameterNodeWrapper
 class SlicerSAMParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
@@ -115,9 +99,7 @@ class SlicerSAMParameterNode:
     serverUrl: str = ""
 
 
-#
-# Widget
-#
+# -------------------- Widget
 class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -140,7 +122,7 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SlicerSAMLogic()
         self.logic.logCallback = self._showStatus
-        self.logic.confirmCallback = self._confirm
+        self.logic.confirmCallback = gui.confirm
         self.logic.previewEnabled = True
         self._fillModelCombo()
         self._fillIntensityCombo()
@@ -182,13 +164,8 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ("exportButton", self.onExportCsv),
         ):
             getattr(self.ui, name).connect("clicked(bool)", slot)
-        self._previewTimer = qt.QTimer()
-        self._previewTimer.setSingleShot(True)
-        self._previewTimer.setInterval(_PREVIEW_DEBOUNCE_MS)
-        self._previewTimer.connect("timeout()", self.onPreviewTimeout)
-        self._encodeTimer = qt.QTimer()
-        self._encodeTimer.setInterval(_ENCODE_POLL_MS)
-        self._encodeTimer.connect("timeout()", self.onEncodePoll)
+        self._previewTimer = gui.timer(_PREVIEW_DEBOUNCE_MS, self.onPreviewTimeout, singleShot=True)
+        self._encodeTimer = gui.timer(_ENCODE_POLL_MS, self.onEncodePoll)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
@@ -197,22 +174,12 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _fillModelCombo(self):
         from SlicerSAM.slicer_bridge import model_choices
 
-        current = self.ui.modelCombo.currentData if self.ui.modelCombo.count else None
-        self.ui.modelCombo.blockSignals(True)
-        self.ui.modelCombo.clear()
-        for choice in model_choices():
-            self.ui.modelCombo.addItem(choice.label, choice.name)
-        index = self.ui.modelCombo.findData(current) if current else 0
-        self.ui.modelCombo.setCurrentIndex(max(index, 0))
-        self.ui.modelCombo.blockSignals(False)
+        gui.fillCombo(self.ui.modelCombo, [(c.label, c.name) for c in model_choices()])
 
     def _fillIntensityCombo(self):
         from SlicerSAM.slicer_bridge import intensity_choices
 
-        self.ui.intensityCombo.blockSignals(True)
-        self.ui.intensityCombo.clear()
-        self.ui.intensityCombo.addItems(intensity_choices())
-        self.ui.intensityCombo.blockSignals(False)
+        gui.fillCombo(self.ui.intensityCombo, [(text, text) for text in intensity_choices()])
 
     # ---------------------------------------------------------------- lifecycle
     def cleanup(self):
@@ -256,21 +223,19 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._encodeFuture = None
 
     def _setShortcuts(self, enabled):
-        for shortcut in self._shortcuts:
-            shortcut.setParent(None)
-        self._shortcuts = []
-        actions = {
-            "placePositive": lambda: setattr(self.ui.positivePlace, "placeModeEnabled", True),
-            "placeNegative": lambda: setattr(self.ui.negativePlace, "placeModeEnabled", True),
-            "placeBox": lambda: setattr(self.ui.roiPlace, "placeModeEnabled", True),
-            "nextCandidate": self.onNextCandidate,
-            "accept": self.onAccept,
-            "undo": self.onUndo,
-        }
-        for keys, action in _SHORTCUTS.items() if enabled else ():
-            shortcut = qt.QShortcut(qt.QKeySequence(keys), slicer.util.mainWindow())
-            shortcut.connect("activated()", actions[action])
-            self._shortcuts.append(shortcut)
+        self._shortcuts = gui.removeShortcuts(self._shortcuts)
+        place = lambda widget: lambda: setattr(widget, "placeModeEnabled", True)  # noqa: E731
+        if enabled:
+            self._shortcuts = gui.installShortcuts(
+                {
+                    "placePositive": place(self.ui.positivePlace),
+                    "placeNegative": place(self.ui.negativePlace),
+                    "placeBox": place(self.ui.roiPlace),
+                    "nextCandidate": self.onNextCandidate,
+                    "accept": self.onAccept,
+                    "undo": self.onUndo,
+                }
+            )
 
     # ---------------------------------------------------------------- parameter node
     def initializeParameterNode(self):
@@ -333,14 +298,7 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             hasTarget and self.ui.referenceSelector.currentNode() is not None
         )
         self.ui.exportButton.enabled = logic is not None and logic.lastMetrics is not None
-        if result is None:
-            self.ui.resultLabel.text = ""
-        else:
-            iou = float(result.iou[logic.candidate])
-            self.ui.resultLabel.text = (
-                f"slice {result.index}: candidate {logic.candidate + 1}/{len(result.iou)}, "
-                f"predicted IoU {iou:.2f}"
-            )
+        self.ui.resultLabel.text = logic.resultText() if logic else ""
 
     # ---------------------------------------------------------------- slots: inputs and options
     def onVolumeChanged(self, node=None):
@@ -405,18 +363,7 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers(self.onPromptsModified)
         for name in ("positiveSelector", "negativeSelector", "roiSelector"):
             node = getattr(self.ui, name).currentNode()
-            # point lists report point events; an ROI's size and position come as ModifiedEvent
-            events = (
-                [vtk.vtkCommand.ModifiedEvent]
-                if name == "roiSelector"
-                else [
-                    node.PointAddedEvent,
-                    node.PointRemovedEvent,
-                    node.PointModifiedEvent,
-                    node.PointPositionDefinedEvent,
-                ]
-            )
-            for event in events if node else ():
+            for event in self.logic.promptEvents(node) if node and self.logic else ():
                 self.addObserver(node, event, self.onPromptsModified)
 
     def onPromptsModified(self, *args):
@@ -500,47 +447,17 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not interactive and (self.logic.missingDependencies() or self.logic.modelDownload()):
             raise RuntimeError("click 'Segment slice' once to set up PyTorch and the model")
         if self.logic.missingDependencies():  # asks first (confirmCallback)
-            with self._progressDialog("Installing...", 0) as progress:
+            with gui.progressDialog("Installing...", 0) as progress:
                 self.logic.ensureDependencies(
                     askConfirmation=True, progress=lambda message: progress(0, 0, message)
                 )
         self._fillModelCombo()
         with (
-            self._progressDialog("Loading the model...", 1000) as progress,
+            gui.progressDialog("Loading the model...", 1000) as progress,
             slicer.util.WaitCursor(),
         ):
             self.logic.loadModel(askDownload=True, progress=progress)
         self.ui.deviceLabel.text = self.logic.deviceText()
-
-    @contextlib.contextmanager
-    def _progressDialog(self, label, maximum, cancel=None):
-        """A progress dialog shown while the block runs; yields progress(done, total, message)
-        (call it on this, the GUI thread). ``cancel`` (a dict) gets "cancel": True on Cancel."""
-        dialog = slicer.util.createProgressDialog(
-            parent=slicer.util.mainWindow(), windowTitle="SlicerSAM", labelText=label
-        )
-        dialog.maximum = maximum
-
-        def progress(done, total, message=""):
-            if total:
-                dialog.maximum = max(int(total), 1)
-                dialog.value = min(int(done), dialog.maximum)
-            if message:
-                dialog.labelText = message
-            slicer.app.processEvents()  # paint the dialog and see Cancel
-            if cancel is not None:
-                cancel["cancel"] = bool(dialog.wasCanceled)
-
-        try:
-            yield progress
-        finally:
-            dialog.close()
-
-    @staticmethod
-    def _confirm(message, details=""):
-        return slicer.util.confirmOkCancelDisplay(
-            message, windowTitle="SlicerSAM", detailedText=details or None
-        )
 
     def onNextCandidate(self):
         with slicer.util.tryWithErrorDisplay("Cannot show the next candidate."):
@@ -598,7 +515,7 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
             self._busy = True  # the live preview waits: one user of the model at a time
             try:
-                with self._progressDialog("Propagating...", 1, cancel=state) as show:
+                with gui.progressDialog("Propagating...", 1, cancel=state) as show:
                     poll = lambda: show(state["done"], state["total"], state["message"])  # noqa
                     outcome = run_polling(lambda: work(progress, lambda: state["cancel"]), poll)
                 result = self.logic.applyPropagation(outcome)
@@ -661,21 +578,11 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._showStatus(f"SlicerSAM: wrote {path}")
 
 
-#
-# Test
-#
+# -------------------- Test
 class SlicerSAMTest(ScriptedLoadableModuleTest):
-    """In-Slicer self-test: SampleData, a box prompt, propagation, accept/undo, metrics.
-
-    Skips (unittest.SkipTest, with the reason) when PyTorch, the weights or the reference mask are
-    missing; it never installs anything. The same flows run on Slicer's libraries in CI
-    (Testing/Python/test_slicer_core.py).
-    """
-
-    REFERENCE = os.path.join(_MODULE_DIR, "Testing", "Data", "CTChest-reference.seg.nrrd")
-    # LiteMedSAM on the reference structure, prompted with its exact box on the middle slice
-    KEY_SLICE_DICE = 0.80
-    VOLUME_DICE = 0.50
+    """In-Slicer self-test: SampleData, a box prompt, propagation, accept/undo, metrics (the flows
+    are in SlicerSAMLib/selftest.py). Skips with the reason when PyTorch, the weights or the
+    reference mask are missing; it never installs anything."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -685,67 +592,12 @@ class SlicerSAMTest(ScriptedLoadableModuleTest):
             self.setUp()
             test()
 
-    def _logic(self, sample):
-        import SampleData
-
-        logic = SlicerSAMLogic()
-        missing = logic.missingDependencies()
-        if missing:
-            raise unittest.SkipTest("dependencies not installed: " + ", ".join(missing))
-        if logic.modelDownload() is not None:
-            raise unittest.SkipTest("LiteMedSAM weights not available offline")
-        logic.setVolume(SampleData.SampleDataLogic().downloadSample(sample))
-        logic.loadModel()
-        return logic
-
-    @staticmethod
-    def _box(volume, plane, index, grid2d):
-        """An ROI node around the voxels of slice-grid mask ``grid2d`` on slice ``index``."""
-        from SlicerSAM.slicer_bridge import slice_mask_ras_bounds
-
-        bounds = np.array(slice_mask_ras_bounds(volume, plane, index, grid2d))
-        roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "test box")
-        roi.SetCenter(((bounds[0::2] + bounds[1::2]) / 2).tolist())
-        roi.SetSize((bounds[1::2] - bounds[0::2]).tolist())
-        return roi
-
     def test_logic_roundtrip(self):
-        """Box on MRHead's middle slice -> one-slice mask -> accept touches that slice -> undo."""
-        logic = self._logic("MRHead")
-        plane = logic.plane()
-        index = plane.num_slices // 2
-        rows, cols = plane.grid_shape
-        centre = np.zeros(plane.grid_shape, dtype=bool)
-        centre[rows // 4 : 3 * rows // 4, cols // 4 : 3 * cols // 4] = True
-        result = logic.segmentSlice(roiNode=self._box(logic.volume, plane, index, centre))
-        self.assertEqual((result.index, result.mask.shape), (index, tuple(plane.grid_shape)))
-        segmentation = logic.ensureSegmentation()
-        segmentId = logic.addSegment(segmentation)
-        self.assertIsNotNone(logic.accept(segmentation, segmentId))
-        labels = logic._segmentArray(segmentation, segmentId)
-        slices = np.flatnonzero(labels.any(axis=tuple(a for a in range(3) if a != plane.axis)))
-        self.assertEqual(slices.tolist(), [index])
-        self.assertTrue(logic.undo())
-        self.assertFalse(logic._segmentArray(segmentation, segmentId).any())
+        from SlicerSAMLib.selftest import logicRoundtrip
+
+        logicRoundtrip(self)
 
     def test_box_propagation_against_reference(self):
-        """Box from the reference's middle slice, propagate, compare Dice with thresholds."""
-        if not os.path.isfile(self.REFERENCE):
-            raise unittest.SkipTest(f"reference mask {self.REFERENCE} not present")
-        logic = self._logic("CTChest")
-        reference = slicer.util.loadSegmentation(self.REFERENCE)
-        plane = logic.plane()
-        referenceId = reference.GetSegmentation().GetNthSegmentID(0)
-        truth = logic._segmentArray(reference, referenceId)
-        present = [i for i in range(plane.num_slices) if plane.grid(truth, i).any()]
-        index = present[len(present) // 2]
-        key = plane.grid(truth, index).astype(bool)
-        result = logic.segmentSlice(roiNode=self._box(logic.volume, plane, index, key))
-        dice = 2.0 * np.logical_and(result.mask, key).sum() / (result.mask.sum() + key.sum())
-        self.assertGreaterEqual(dice, self.KEY_SLICE_DICE)
-        logic.propagate(direction="both")
-        segmentation = logic.ensureSegmentation()
-        segmentId = logic.addSegment(segmentation)
-        logic.accept(segmentation, segmentId)
-        metrics = logic.evaluate(segmentation, segmentId, reference, referenceId, showChart=False)
-        self.assertGreaterEqual(metrics["rows"][0]["dice"], self.VOLUME_DICE)
+        from SlicerSAMLib.selftest import boxPropagationAgainstReference
+
+        boxPropagationAgainstReference(self)

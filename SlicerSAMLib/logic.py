@@ -494,6 +494,19 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         return node
 
     @staticmethod
+    def promptEvents(node):
+        """The events that say prompt node ``node`` changed: an ROI's size and position come as
+        ModifiedEvent, a point list reports point events."""
+        if node.IsA("vtkMRMLMarkupsROINode"):
+            return [vtk.vtkCommand.ModifiedEvent]
+        return [
+            node.PointAddedEvent,
+            node.PointRemovedEvent,
+            node.PointModifiedEvent,
+            node.PointPositionDefinedEvent,
+        ]
+
+    @staticmethod
     def _definedPoints(node):
         if node is None:
             return None
@@ -563,6 +576,16 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         result = self.lastResult
         key = None if result is None or self._session is None else self.keyMasks.get(result.index)
         return 0 if key is None else key.candidate
+
+    def resultText(self):
+        """One line on the last slice result: its candidate and predicted IoU ("" without one)."""
+        result = self.lastResult
+        if result is None:
+            return ""
+        return (
+            f"slice {result.index}: candidate {self.candidate + 1}/{len(result.iou)}, "
+            f"predicted IoU {float(result.iou[self.candidate]):.2f}"
+        )
 
     def nextCandidate(self):
         """Show the next multimask candidate of the last slice result; returns its index."""

@@ -277,6 +277,16 @@ SEGMENTS = """
     seg = segmentation.GetSegmentation()
     out["shared_layer"] = seg.GetLayerIndex(other_id) == seg.GetLayerIndex(target_id)
     result = logic.segmentSlice(roiNode=box)
+    out["result_text"] = logic.resultText()
+    # the widget's live preview: the events promptEvents names fire when the prompts change
+    fired = []
+    points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    for node in (box, points):
+        for event in logic.promptEvents(node):
+            node.AddObserver(event, lambda caller, e: fired.append(caller.GetClassName()))
+    box.SetCenter((lo + hi + 2.0) / 2)
+    points.AddControlPoint(*((lo + hi) / 2))
+    out["prompt_events"] = sorted(set(fired))
     region = logic.accept(segmentation, target_id)
     after = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, target_id, ct)
     out["accepted_slices"] = np.flatnonzero(after.any(axis=(1, 2))).tolist()
@@ -362,6 +372,8 @@ def test_logic_accepts_evaluates_undoes_and_round_trips_seg_nrrd_on_real_mrml(
     assert info["slicers_read_by_us"] == [True, True, [0.2, 0.4, 0.8]]
     assert info["undone"] and info["undo_empty"]
     assert "voxel grid differs" in info["other_grid"]
+    assert info["result_text"].startswith(f"slice {info['key_slice']}: candidate 1/")
+    assert info["prompt_events"] == ["vtkMRMLMarkupsFiducialNode", "vtkMRMLMarkupsROINode"]
 
 
 BATCH = """
