@@ -90,6 +90,8 @@ class SlicerSAMParameterNode:
     segmentId: str = ""
     model: str = "litemedsam"
     checkpointPath: str = ""
+    backend: str = "auto"
+    precision: str = "auto"
     intensity: str = ""
     sliceView: str = "Red"
     direction: str = "both"
@@ -143,6 +145,8 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ("serverEdit", "editingFinished()", self.onComputeChanged),
             ("tokenEdit", "editingFinished()", self.onComputeChanged),
             ("checkpointEdit", "currentPathChanged(QString)", self.onModelChanged),
+            ("backendCombo", index, self.onModelChanged),
+            ("precisionCombo", index, self.onModelChanged),
             ("intensityCombo", index, self.onIntensityChanged),
             ("viewCombo", index, self.onIntensityChanged),
             ("liveCheck", "toggled(bool)", self.onPromptsModified),
@@ -330,6 +334,9 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._parameterNode:
                 self._parameterNode.model = name or ""
             self.logic.setModel(name, checkpoint)
+            self.logic.setRuntime(
+                self.ui.backendCombo.currentText, self.ui.precisionCombo.currentText
+            )
             self.ui.deviceLabel.text = "loads on first use"
         self._updateButtons()
 

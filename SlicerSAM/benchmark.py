@@ -224,6 +224,7 @@ def run_benchmark(
     return {
         "model": getattr(segmenter, "model_name", str(model)),
         "device": str(getattr(segmenter, "device", device)),
+        "runtime": getattr(getattr(segmenter, "runtime", None), "name", None),
         "protocol": proto.name,
         "axis": getattr(plane, "orientation", orientation),
         "window": intensity.describe(),

@@ -60,13 +60,19 @@ class CacheKey:
     intensity: str  # IntensityMapping.signature()
     model: str  # model name ("litemedsam", ...)
     checkpoint_sha256: str  # weights identity
+    # the encoder's precision (sam_core.runtimes): fp32 runtimes agree to ~1e-6 and share
+    # embeddings; a reduced precision gives other embeddings
+    precision: str = "fp32"
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
         """sha256 hex of the key (the disk file name)."""
-        text = json.dumps({"format": DISK_FORMAT, **self.as_dict()}, sort_keys=True)
+        fields = self.as_dict()
+        if fields["precision"] == "fp32":
+            del fields["precision"]  # the digest of keys made before precisions existed
+        text = json.dumps({"format": DISK_FORMAT, **fields}, sort_keys=True)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

@@ -42,6 +42,24 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="allow downloading the model's official checkpoint (verified by sha256, cached)",
     )
     p.add_argument(
+        "--backend",
+        help="image encoder runtime: torch, openvino, onnxruntime or auto (default: "
+        "$SLICERSAM_BACKEND, else auto: the fastest one here whose masks agree with torch fp32, "
+        "from a calibration on first use; GPUs run torch)",
+    )
+    p.add_argument(
+        "--precision",
+        help="image encoder precision: fp32 (exact), bf16, fp16 or auto (default: "
+        "$SLICERSAM_PRECISION, else auto: a reduced precision only where the hardware has it and "
+        "the masks agree with fp32)",
+    )
+    p.add_argument(
+        "--onnx",
+        metavar="DIR",
+        help="for --backend openvino/onnxruntime: a folder written by export-onnx for this model "
+        "(default: exported once into the user cache)",
+    )
+    p.add_argument(
         "--point-prompts",
         choices=POINT_PROMPTS,
         default="auto",
@@ -102,24 +120,30 @@ def _check_model(args) -> None:
     a device that is not there, weights that are neither on disk nor allowed to download."""
     from sam_core.device import select_device
     from sam_core.zoo import get_spec, resolve_checkpoint
+    from SlicerSAM.backends import candidates, requested
 
-    select_device(args.device)
+    device = select_device(args.device)
     get_spec(args.model)
+    if hasattr(args, "backend"):  # a backend that is not installed or cannot run here
+        candidates(*requested(args.backend, args.precision), device)
     if not getattr(args, "download", False):
         resolve_checkpoint(args.model, args.checkpoint, allow_download=False)
 
 
 def _load_model(args):
     from sam_core.zoo import load_model
+    from SlicerSAM.backends import request_runtime
 
     progress = progress_bar("download", unit="B") if getattr(args, "download", False) else None
-    return load_model(
+    sam = load_model(
         args.model,
         args.checkpoint,
         device=args.device,
         allow_download=getattr(args, "download", False),
         progress=progress,
     )
+    request_runtime(sam, args.backend, args.precision, args.onnx)
+    return sam
 
 
 def _ms(value, digits: int) -> str:
@@ -131,6 +155,7 @@ def _timing_block(segmenter, wall_s: float) -> dict:
     from SlicerSAM.benchmark import peak_rss_mb
 
     timing = dict(segmenter.timing())
+    timing["runtime"] = segmenter.runtime.name
     timing["wall_s"] = round(wall_s, 3)
     timing["peak_rss_mb"] = peak_rss_mb()
     return timing
@@ -173,6 +198,63 @@ def cmd_models(args) -> int:
         size = f"{spec.size_bytes / 1e6:8.1f} MB" if spec.size_bytes else "       ? MB"
         print(f"{mark} {name:<14} {size}  {describe_availability(spec):<34} {spec.description}")
     print("\n* default. Download a model with e.g. `segment ... --model sam_vit_b --download`.")
+    return 0
+
+
+def cmd_export_onnx(args) -> int:
+    """`export-onnx`: encoder.onnx + decoder.onnx (SAM's signature) + model.json into --output,
+    checked against PyTorch with onnxruntime before the folder appears."""
+    import shutil
+    import tempfile
+
+    from sam_core.zoo import get_spec, resolve_checkpoint
+    from SlicerSAM.backends import check_export
+    from SlicerSAM.segmenter import _model_identity
+
+    output = Path(args.output)
+    if output.exists() and not (output.is_dir() and not any(output.iterdir())):
+        if not args.overwrite:
+            raise SlicerSAMError(f"{output} exists: choose another --output or add --overwrite")
+        if not output.is_dir():
+            raise SlicerSAMError(f"{output} is a file, not a folder")
+    for module, extra in (("onnx", "onnx"), ("onnxruntime", "onnxruntime")):
+        try:
+            __import__(module)
+        except ImportError:
+            raise SlicerSAMError(
+                f"export-onnx needs {module}: pip install 'slicersam[{extra}]'"
+            ) from None
+    get_spec(args.model)
+    if not args.download:
+        resolve_checkpoint(args.model, args.checkpoint, allow_download=False)
+    from sam_core.onnx_export import export_model, model_metadata
+    from sam_core.zoo import load_model
+
+    sam = load_model(args.model, args.checkpoint, device="cpu", allow_download=args.download)
+    name, sha = _model_identity(sam)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        export_model(sam, staging, model_metadata(sam, args.model, sha))
+        check = check_export(sam, staging)
+        ok = check["box_dice_min"] >= 0.99 and check["click_dice_min"] >= 0.95
+        print(
+            f"onnxruntime vs PyTorch on {check['prompts']} structures of the bundled CT: "
+            f"embeddings max |diff| {check['embedding_max_abs']:.2e}; box masks Dice mean "
+            f"{check['box_dice_mean']:.4f} min {check['box_dice_min']:.4f}; click masks Dice "
+            f"mean {check['click_dice_mean']:.4f} min {check['click_dice_min']:.4f}"
+        )
+        if not ok:
+            raise SlicerSAMError(
+                "the exported graphs do not reproduce PyTorch's masks: not written"
+            )
+        if output.exists():
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        staging.replace(output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    print(f"wrote {output}/encoder.onnx, decoder.onnx and model.json ({name}, {sha[:12]})")
     return 0
 
 
@@ -547,7 +629,8 @@ def cmd_benchmark(args) -> int:
         + ("" if before is None else f" ({before:.3f} before the correction)")
         + f", mean IoU {result['mean_iou']:.3f} over {len(result['structures'])} structures, "
         f"{result['leaks']} leak(s) | "
-        f"{result['model']} on {result['device']} | {t['slices_encoded']} slices encoded, "
+        f"{result['model']} on {result['device']} ({result['runtime']}) | "
+        f"{t['slices_encoded']} slices encoded, "
         f"{_ms(t['encode_ms_per_slice'], 0)} ms/slice encode, "
         f"{_ms(t['decode_ms_per_prompt'], 1)} ms/prompt decode, {t['wall_s']:.1f} s"
     )
@@ -572,6 +655,9 @@ def cmd_serve(args) -> int:
         model=args.model,
         checkpoint=args.checkpoint,
         device=args.device,
+        backend=args.backend,
+        precision=args.precision,
+        onnx_dir=args.onnx,
         token=args.token or os.environ.get("SLICERSAM_TOKEN") or None,
         max_upload_mb=args.max_upload_mb,
         max_voxels=args.max_voxels,
@@ -628,6 +714,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the available models and where their weights are")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "export-onnx",
+        help="write the image encoder and SAM's prompt-to-mask graph as ONNX (checked with "
+        "onnxruntime against PyTorch before the folder is written)",
+    )
+    p.add_argument("--output", required=True, help="folder to write (encoder.onnx, decoder.onnx)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.add_argument("--model", default="litemedsam", help="model name (see `models`)")
+    p.add_argument("--checkpoint", help="local checkpoint file to use instead of the model zoo")
+    p.add_argument("--download", action="store_true", help="allow downloading the checkpoint")
+    p.set_defaults(func=cmd_export_onnx)
 
     for name, helptext in (
         ("segment", "segment one slice from prompts (optionally propagate through the volume)"),

@@ -161,6 +161,13 @@ class Segmenter:
             the model is surest of (:mod:`SlicerSAM.box_search`); "model": the model's own
             point prompts; "auto": "box" for a model trained with boxes only (its
             ``ModelSpec.point_prompts`` is False: LiteMedSAM, MedSAM), else "model".
+        backend, precision: the image encoder's runtime (:mod:`SlicerSAM.backends`): "torch" |
+            "openvino" | "onnxruntime" and "fp32" | "bf16" | "fp16", or "auto" (None:
+            ``$SLICERSAM_BACKEND`` / ``$SLICERSAM_PRECISION``, else auto). ``self.runtime`` and
+            ``self.runtime_reason`` say what was chosen and why.
+        onnx_dir: a folder from ``export-onnx`` for the ONNX backends (None: exported once into
+            the user cache).
+        runtime_progress: ``progress(done, total, message)`` while auto calibrates (first use).
     """
 
     def __init__(
@@ -174,8 +181,15 @@ class Segmenter:
         cache: Optional[EmbeddingCache] = None,
         checkpoint=None,
         point_prompts: str = "auto",
+        backend: Optional[str] = None,
+        precision: Optional[str] = None,
+        onnx_dir=None,
+        runtime_progress=None,
     ):
         from sam_core.predictor import SamPredictor
+        from SlicerSAM.backends import requested
+
+        requested(backend, precision)  # an unknown name is refused before the model loads
 
         if isinstance(model, str):
             from sam_core.zoo import load_model
@@ -204,6 +218,21 @@ class Segmenter:
         self.checkpoint_sha256 = sha
         self.predictor = SamPredictor(sam)
         self.device = torch.device(self.predictor.device)
+        from SlicerSAM.backends import choose_runtime
+
+        choice = choose_runtime(
+            sam,
+            (name, sha),
+            backend,
+            precision,
+            onnx_dir,
+            threads=self.predictor.encode_threads,
+            progress=runtime_progress,
+        )
+        self.predictor.encoder = choice.encoder
+        self.runtime = choice.runtime  # sam_core.runtimes.Runtime of the image encoder
+        self.runtime_reason = choice.reason
+        logger.info(choice.reason)
         self.volume = volume
         self.orientation = orientation
         self.plane = plane_for(volume, orientation)
@@ -229,6 +258,7 @@ class Segmenter:
             intensity=self.intensity.signature(),
             model=self.model_name,
             checkpoint_sha256=self.checkpoint_sha256,
+            precision=self.runtime.precision,
         )
 
     # ------------------------------------------------------------------ introspection

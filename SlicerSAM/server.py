@@ -57,6 +57,9 @@ class ServerSettings:
     model: str = "litemedsam"
     checkpoint: Optional[str] = None
     device: str = "auto"
+    backend: Optional[str] = None  # the image encoder's runtime (SlicerSAM/backends.py)
+    precision: Optional[str] = None
+    onnx_dir: Optional[str] = None
     token: Optional[str] = None
     max_upload_mb: float = 512.0
     max_voxels: int = 600 * 512 * 512
@@ -129,10 +132,14 @@ class SessionStore:
         with self._model_lock:
             if self._model is None:
                 from sam_core.zoo import load_model
+                from SlicerSAM.backends import request_runtime
 
-                self._model = load_model(
+                model = load_model(
                     self.settings.model, self.settings.checkpoint, device=self.settings.device
                 )
+                settings = self.settings
+                request_runtime(model, settings.backend, settings.precision, settings.onnx_dir)
+                self._model = model
             return self._model
 
     # ---------------------------------------------------------------- sessions
@@ -282,7 +289,13 @@ class SessionStore:
     def describe(self) -> dict:
         from sam_core.device import select_device
 
-        return {"device": str(select_device(self.settings.device)), "sessions": self.count()}
+        memo = getattr(self._model, "_slicersam_runtime_choices", None) or {}
+        runtimes = sorted({choice.runtime.name for choice in memo.values()})
+        return {
+            "device": str(select_device(self.settings.device)),
+            "sessions": self.count(),
+            "runtime": runtimes[0] if len(runtimes) == 1 else runtimes or None,
+        }
 
 
 def _check_file_voxels(path: Path, max_voxels: int) -> None:

