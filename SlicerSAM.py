@@ -1,15 +1,12 @@
 """3D Slicer module: Segment Anything (LiteMedSAM, MedSAM, SAM) for CT and MRI.
 
 The module, its parameter node, its widget and its self-test. The panel is
-``Resources/UI/SlicerSAM.ui``; the Logic is ``SlicerSAMLib/logic.py`` (MRML nodes in and out of
-the engine's interactive session, no Qt); the engine is the ``SlicerSAM/`` folder.
-
-Slicer loads this file by path as the module ``SlicerSAM``; setting ``__path__`` below makes it
-act as a package whose submodules are the engine's files, so ``import SlicerSAM.session`` finds
-the engine inside Slicer, while plain Python (pytest, ``python -m SlicerSAM``) finds the package
-folder first and never runs this file (``SlicerSAM/__init__.py`` holds nothing for that reason).
-Nothing here imports torch (the panel shows before PyTorch is installed). No postponed
-annotations: ``parameterNodeWrapper`` needs real ones (Slicer 5.8 is Python 3.9: ``Union``).
+``Resources/UI/SlicerSAM.ui``; the Logic is ``SlicerSAMLib/logic.py`` (no Qt); the engine is the
+``SlicerSAM/`` folder. Slicer loads this file by path as the module ``SlicerSAM``; ``__path__``
+below makes it the package whose submodules are the engine's files, while plain Python finds
+the package folder first and never runs this file. Nothing here imports torch (the panel shows
+before PyTorch is installed). No postponed annotations: ``parameterNodeWrapper`` needs real ones
+(Slicer 5.8 is Python 3.9: ``Union``).
 """
 
 import logging
@@ -334,9 +331,8 @@ class SlicerSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._parameterNode:
                 self._parameterNode.model = name or ""
             self.logic.setModel(name, checkpoint)
-            self.logic.setRuntime(
-                self.ui.backendCombo.currentText, self.ui.precisionCombo.currentText
-            )
+            ui = self.ui
+            self.logic.setRuntime(ui.backendCombo.currentText, ui.precisionCombo.currentText)
             self.ui.deviceLabel.text = "loads on first use"
         self._updateButtons()
 

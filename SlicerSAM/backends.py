@@ -97,8 +97,8 @@ def _parse(value, allowed: Sequence[str], what: str) -> str:
 def requested(backend=None, precision=None) -> Tuple[str, str]:
     """(backend, precision) as asked, ``$SLICERSAM_BACKEND`` / ``$SLICERSAM_PRECISION`` where an
     argument is None, else "auto"; unknown names are refused here, before any work."""
-    backend = backend if backend is not None else os.environ.get(ENV_BACKEND)
-    precision = precision if precision is not None else os.environ.get(ENV_PRECISION)
+    backend = backend if backend is not None else os.environ.get(ENV_BACKEND) or None
+    precision = precision if precision is not None else os.environ.get(ENV_PRECISION) or None
     return _parse(backend, BACKENDS, "backend"), _parse(precision, PRECISIONS, "precision")
 
 

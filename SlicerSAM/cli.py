@@ -258,6 +258,61 @@ def cmd_export_onnx(args) -> int:
     return 0
 
 
+def cmd_runtimes(args) -> int:
+    """`runtimes`: the image encoder runtimes this machine has, the calibration that ``auto``
+    uses (run now if there is none, or with --recalibrate) and what it picks."""
+    import json
+
+    from sam_core.runtimes import cpu_text
+    from SlicerSAM import backends
+    from SlicerSAM.segmenter import _model_identity
+
+    _check_model(args)
+    sam = _load_model(args)
+    home = backends.default_home()
+    if args.recalibrate:
+        path = home / backends.CHOICE_FILE
+        if path.is_file():
+            stored = json.loads(path.read_text())
+            key = backends.choice_key(
+                _model_identity(sam),
+                next(sam.parameters()).device,
+                backends.candidates(
+                    *backends.requested(args.backend, args.precision), next(sam.parameters()).device
+                ),
+                sam_threads(),
+            )
+            stored.pop(key, None)
+            path.write_text(json.dumps(stored, indent=1, sort_keys=True))
+    choice = backends.choose_runtime(
+        sam, _model_identity(sam), onnx_dir=args.onnx, threads=sam_threads()
+    )
+    print(f"CPU: {cpu_text()}")
+    if choice.calibration:
+        print(f"{'runtime':18s} {'ms/slice':>9s}  masks vs torch fp32 (box prompts, bundled CT)")
+        for name, row in sorted(choice.calibration.items(), key=lambda kv: kv[1]["ms_per_slice"]):
+            verdict = "agrees" if row["agrees"] else "differs"
+            print(
+                f"{name:18s} {row['ms_per_slice']:9.1f}  Dice mean {row['dice_mean']:.4f} "
+                f"min {row['dice_min']:.4f} over {row.get('prompts', '?')} prompts: {verdict}"
+            )
+    print(choice.reason)
+    return 0
+
+
+def sam_threads() -> int:
+    """The encoder threads a segmenter uses (``SamPredictor``'s default)."""
+    from sam_core.optimize import env_num_threads
+
+    return env_num_threads() or torch_threads()
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _read_prompts(path: str):
     """Prompts from Slicer markups (.mrk.json) or a SlicerSAM prompt JSON file."""
     from SlicerSAM.markups import read_markups
@@ -714,6 +769,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the available models and where their weights are")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "runtimes",
+        help="the image encoder runtimes here, auto's calibration (made once per model and "
+        "machine) and what it picks",
+    )
+    p.add_argument("--recalibrate", action="store_true", help="forget this machine's calibration")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_runtimes)
 
     p = sub.add_parser(
         "export-onnx",

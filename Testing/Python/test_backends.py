@@ -325,3 +325,29 @@ def test_embeddings_of_a_reduced_precision_have_their_own_cache_key():
     text = json.dumps({"format": DISK_FORMAT, **fields}, sort_keys=True)
     assert fp32.digest() == hashlib.sha256(text.encode()).hexdigest()
     assert CacheKey(**fields, precision="bf16").digest() != fp32.digest()
+
+
+def test_runtimes_command_shows_the_calibration_and_recalibrates_on_request(
+    sam, tmp_path, monkeypatch, capsys
+):
+    calls, real_candidates = [], backends.candidates
+    monkeypatch.setenv("SLICERSAM_CACHE", str(tmp_path / "models"))
+    monkeypatch.setattr(backends, "calibrate", _fake_calibration(calls))
+    monkeypatch.setattr(backends, "build_encoder", lambda *a, **k: None)
+    monkeypatch.setattr(
+        backends,
+        "candidates",
+        lambda b, p, d: [Runtime(), Runtime("openvino"), Runtime("torch", "bf16")],
+    )
+    argv = ["runtimes", "--backend", "auto", "--precision", "auto"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "CPU: " in out and "flags:" in out
+    assert "torch-bf16" in out and "differs" in out and "openvino-fp32" in out
+    assert "encoder runtime openvino-fp32" in out and len(calls) == 1
+    assert (tmp_path / backends.CHOICE_FILE).is_file()
+    assert main(argv) == 0 and len(calls) == 1  # cached
+    assert main(argv + ["--recalibrate"]) == 0 and len(calls) == 2
+    monkeypatch.setattr(backends, "candidates", real_candidates)
+    assert main(["runtimes", "--backend", "torch", "--precision", "fp32"]) == 0
+    assert "torch-fp32 (asked for)" in capsys.readouterr().out

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -65,21 +63,6 @@ def open_case(args):
     return load_case(args.axis, args.window, cache)
 
 
-# CPU features that decide which precisions and kernels are fast (printed with speed figures)
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
-
-
-def cpu_text() -> str:
-    """The CPU model, its logical CPUs and which of :data:`CPU_FLAGS` it reports, for every
-    printed speed figure (machines differ from run to run)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    present = [f for f in CPU_FLAGS if f in flags] or ["none of " + ", ".join(CPU_FLAGS)]
-    return f"{model}, {os.cpu_count()} logical CPUs, flags: {' '.join(present)}"
+# the CPU model, logical CPUs and the flags that decide precisions and kernels, printed with
+# every speed figure (machines differ from run to run)
+from sam_core.runtimes import cpu_text  # noqa: E402,F401

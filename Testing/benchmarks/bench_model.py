@@ -218,6 +218,68 @@ def measure_memory(threads) -> dict:
     return out
 
 
+def runtime_table(sam, reference, cases, inputs, repeats: int, threads: int) -> dict:
+    """Every encoder runtime this machine has (sam_core.runtimes), the reference encoder and
+    what ``auto`` picks, timed interleaved on the same slices (order rotated every repeat), with
+    each runtime's box masks against torch fp32's (the decoder is ours, fp32, for all)."""
+    import numpy as np
+    import torch
+
+    from sam_core.predictor import SamPredictor
+    from SlicerSAM import backends
+    from SlicerSAM.segmenter import _model_identity
+
+    identity = _model_identity(sam)
+    runtimes = backends.candidates("auto", "auto", torch.device("cpu"))
+    encoders = {r.name: backends.build_encoder(sam, r, identity, threads=threads) for r in runtimes}
+    auto = backends.choose_runtime(sam, identity, "auto", "auto", threads=threads)
+    predictor = SamPredictor(sam, encode_threads=threads)
+    names = list(encoders) + ["reference"]
+    times = {name: [] for name in names}
+    masks = {}
+    with torch.inference_mode():
+        for rep in range(repeats + 1):  # repeat 0 warms up
+            order = names[rep % len(names) :] + names[: rep % len(names)]
+            for name in order:
+                for (_, image, boxes), (x, _) in zip(cases, inputs):
+                    if name == "reference":
+                        wall, _, _ = _timed(reference.image_encoder, x)
+                    else:
+                        predictor.encoder = encoders[name]
+                        wall, _, emb = _timed(predictor.encode, image)
+                        if rep == 0:
+                            predictor.encoder = None
+                            predictor.set_embedding(emb)
+                            masks.setdefault(name, []).extend(
+                                predictor.predict(box=b, multimask_output=False)[0][0]
+                                for b in boxes
+                            )
+                    if rep:
+                        times[name].append(wall)
+    rows = {}
+    for name in names:
+        row = {"ms_per_slice": _median(times[name])}
+        if name in masks:
+            dice = [_dice(a, b) for a, b in zip(masks[name], masks["torch-fp32"])]
+            row.update(dice_mean=float(np.mean(dice)), dice_min=float(min(dice)))
+        rows[name] = row
+    print(f"\nimage encoder runtimes, ms/slice (wall, median of {repeats} interleaved passes over")
+    print(f"the slices above, {threads} threads); masks of the boxes against torch fp32:")
+    base = rows["torch-fp32"]["ms_per_slice"]
+    for name, row in rows.items():
+        agree = (
+            f"Dice mean {row['dice_mean']:.4f} min {row['dice_min']:.4f}"
+            if "dice_mean" in row
+            else "(the reference network)"
+        )
+        print(
+            f"  {name:18s} {row['ms_per_slice']:8.1f}  {base / row['ms_per_slice']:5.2f}x "
+            f"torch-fp32  {agree}"
+        )
+    print(f"auto: {auto.reason}")
+    return {"rows": rows, "auto": auto.runtime.name, "auto_reason": auto.reason}
+
+
 def _median(values):
     return statistics.median(values) if values else float("nan")
 
@@ -384,6 +446,8 @@ def main(argv=None) -> int:
     print(f"  ours optimised vs reference:       {min(dice_ref):.4f} / {_median(dice_ref):.4f}")
     print(f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
 
+    runtimes = runtime_table(sam, reference, cases, inputs, args.repeats, threads)
+
     memory = {} if args.no_memory else measure_memory(args.threads)
     if memory:
         print(
@@ -414,6 +478,7 @@ def main(argv=None) -> int:
             "dice_vs_plain": dice_plain,
             "dice_vs_reference": dice_ref,
             "memory": memory,
+            "runtimes": runtimes,
         }
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0
