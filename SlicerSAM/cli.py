@@ -280,12 +280,12 @@ def cmd_runtimes(args) -> int:
                 backends.candidates(
                     *backends.requested(args.backend, args.precision), next(sam.parameters()).device
                 ),
-                sam_threads(),
+                _encode_threads(),
             )
             stored.pop(key, None)
             path.write_text(json.dumps(stored, indent=1, sort_keys=True))
     choice = backends.choose_runtime(
-        sam, _model_identity(sam), onnx_dir=args.onnx, threads=sam_threads()
+        sam, _model_identity(sam), onnx_dir=args.onnx, threads=_encode_threads()
     )
     print(f"CPU: {cpu_text()}")
     if choice.calibration:
@@ -300,17 +300,14 @@ def cmd_runtimes(args) -> int:
     return 0
 
 
-def sam_threads() -> int:
-    """The encoder threads a segmenter uses (``SamPredictor``'s default)."""
-    from sam_core.optimize import env_num_threads
-
-    return env_num_threads() or torch_threads()
-
-
-def torch_threads() -> int:
+def _encode_threads() -> int:
+    """The encoder threads a segmenter uses (``SamPredictor``'s default): the calibration is
+    kept per thread count."""
     import torch
 
-    return torch.get_num_threads()
+    from sam_core.optimize import env_num_threads
+
+    return env_num_threads() or torch.get_num_threads()
 
 
 def _read_prompts(path: str):

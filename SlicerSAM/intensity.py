@@ -159,3 +159,14 @@ def parse_intensity(text) -> IntensityMapping:
         return IntensityMapping(kind="window", level=numbers[0], width=numbers[1])
     except ValueError as error:
         raise ValueError(f"invalid intensity {raw!r}: {error}; use {VALID_FORMS}") from error
+
+
+def model_image(plane, volume, index: int, mapping: IntensityMapping, bounds=None) -> np.ndarray:
+    """The (H, W, 3) uint8 image a model sees for slice ``index`` of ``volume`` along ``plane``:
+    the slice grid resampled to the plane's model-image grid, mapped by ``mapping`` (``bounds``:
+    its (lo, hi), computed here when None), grey in all three channels."""
+    grid = plane.grid(volume.array, index)
+    image = plane.to_image(np.asarray(grid, dtype=np.float32), order=1)
+    bounds = mapping.bounds(volume) if bounds is None else bounds
+    u8 = np.asarray(mapping.apply(image, bounds), dtype=np.uint8)
+    return np.repeat(u8[:, :, None], 3, axis=2)

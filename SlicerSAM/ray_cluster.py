@@ -178,7 +178,12 @@ class RayBackend:
     def describe(self) -> dict:
         described = [self._get(h.run.remote("describe")) for h in self.handles()]
         devices = sorted({d["device"] for d in described})
-        return {"device": ", ".join(devices), "sessions": sum(d["sessions"] for d in described)}
+        runtimes = sorted({str(d.get("runtime")) for d in described if d.get("runtime")})
+        return {
+            "device": ", ".join(devices),
+            "sessions": sum(d["sessions"] for d in described),
+            "runtime": ", ".join(runtimes) or None,
+        }
 
 
 def deploy(

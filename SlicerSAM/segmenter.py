@@ -226,7 +226,7 @@ class Segmenter:
             backend,
             precision,
             onnx_dir,
-            threads=self.predictor.encode_threads,
+            threads=getattr(self.predictor, "encode_threads", None),
             progress=runtime_progress,
         )
         self.predictor.encoder = choice.encoder
@@ -312,11 +312,10 @@ class Segmenter:
 
     def model_image(self, index: int) -> np.ndarray:
         """The (H, W, 3) uint8 image the model sees for slice ``index``."""
+        from SlicerSAM.intensity import model_image
+
         index = self.check_index(index)
-        grid = self.plane.grid(self.volume.array, index)
-        image = self.plane.to_image(np.asarray(grid, dtype=np.float32), order=1)
-        u8 = np.asarray(self.intensity.apply(image, self.intensity_bounds()), dtype=np.uint8)
-        return np.repeat(u8[:, :, None], 3, axis=2)
+        return model_image(self.plane, self.volume, index, self.intensity, self.intensity_bounds())
 
     def embedding(self, index: int):
         """The ImageEmbedding of slice ``index``: from the cache, else encoded now (and cached)."""

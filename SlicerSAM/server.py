@@ -294,7 +294,7 @@ class SessionStore:
         return {
             "device": str(select_device(self.settings.device)),
             "sessions": self.count(),
-            "runtime": runtimes[0] if len(runtimes) == 1 else runtimes or None,
+            "runtime": ", ".join(runtimes) or None,
         }
 
 
@@ -506,6 +506,7 @@ def create_app(settings: Optional[ServerSettings] = None, backend=None):
         return {
             "model": settings.model,
             "device": store.describe()["device"],
+            "runtime": store.describe().get("runtime"),  # the encoder's, once the model loaded
             "models": sorted(MODEL_SPECS),
         }
 

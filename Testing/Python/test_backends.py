@@ -20,6 +20,7 @@ from SlicerSAM import backends
 from SlicerSAM.cache import CacheKey
 from SlicerSAM.cli import main
 
+REAL_CANDIDATES = backends.candidates
 needs_ort = pytest.mark.skipif(not installed("onnxruntime"), reason="onnxruntime not installed")
 needs_ov = pytest.mark.skipif(not installed("openvino"), reason="openvino not installed")
 
@@ -70,7 +71,7 @@ def test_exported_decoder_takes_any_number_of_points_and_a_mask(sam, exported):
     from sam_core.predictor import SamPredictor
     from sam_core.transforms import apply_coords
 
-    image, boxes = backends.calibration_case(sam)[0]
+    image, boxes = backends.calibration_case()[0]
     predictor = SamPredictor(sam)
     embedding = predictor.encode(image)
     predictor.set_embedding(embedding)
@@ -196,9 +197,9 @@ def _fake_calibration(calls):
     return calibrate
 
 
-def test_auto_is_cached_per_model_and_machine_and_says_what_it_picked(
-    sam, identity, tmp_path, monkeypatch
-):
+@pytest.fixture
+def fake_calibration(monkeypatch):
+    """Calibrations recorded instead of run, over three candidates; returns the record."""
     calls = []
     monkeypatch.setattr(backends, "calibrate", _fake_calibration(calls))
     monkeypatch.setattr(backends, "build_encoder", lambda *a, **k: None)
@@ -207,6 +208,13 @@ def test_auto_is_cached_per_model_and_machine_and_says_what_it_picked(
         "candidates",
         lambda b, p, d: [Runtime(), Runtime("openvino"), Runtime("torch", "bf16")],
     )
+    return calls
+
+
+def test_auto_is_cached_per_model_and_machine_and_says_what_it_picked(
+    sam, identity, tmp_path, monkeypatch, fake_calibration
+):
+    calls = fake_calibration
 
     def choose(ident=identity):
         sam.__dict__.pop("_slicersam_runtime_choices", None)  # a new process: nothing in memory
@@ -328,17 +336,10 @@ def test_embeddings_of_a_reduced_precision_have_their_own_cache_key():
 
 
 def test_runtimes_command_shows_the_calibration_and_recalibrates_on_request(
-    sam, tmp_path, monkeypatch, capsys
+    sam, tmp_path, monkeypatch, capsys, fake_calibration
 ):
-    calls, real_candidates = [], backends.candidates
+    calls = fake_calibration
     monkeypatch.setenv("SLICERSAM_CACHE", str(tmp_path / "models"))
-    monkeypatch.setattr(backends, "calibrate", _fake_calibration(calls))
-    monkeypatch.setattr(backends, "build_encoder", lambda *a, **k: None)
-    monkeypatch.setattr(
-        backends,
-        "candidates",
-        lambda b, p, d: [Runtime(), Runtime("openvino"), Runtime("torch", "bf16")],
-    )
     argv = ["runtimes", "--backend", "auto", "--precision", "auto"]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -348,6 +349,19 @@ def test_runtimes_command_shows_the_calibration_and_recalibrates_on_request(
     assert (tmp_path / backends.CHOICE_FILE).is_file()
     assert main(argv) == 0 and len(calls) == 1  # cached
     assert main(argv + ["--recalibrate"]) == 0 and len(calls) == 2
-    monkeypatch.setattr(backends, "candidates", real_candidates)
+    monkeypatch.setattr(backends, "candidates", REAL_CANDIDATES)
     assert main(["runtimes", "--backend", "torch", "--precision", "fp32"]) == 0
     assert "torch-fp32 (asked for)" in capsys.readouterr().out
+
+
+def test_a_tie_with_torch_fp32_keeps_torch_fp32():
+    def row(ms, agrees=True):
+        return {"ms_per_slice": ms, "dice_mean": 1.0, "dice_min": 1.0, "agrees": agrees}
+
+    tie = {"torch-fp32": row(441.9), "openvino-fp32": row(439.2), "torch-bf16": row(200, False)}
+    assert backends.fastest_agreeing(tie) == Runtime()
+    faster = dict(tie, **{"openvino-fp32": row(400.0)})
+    assert backends.fastest_agreeing(faster) == Runtime("openvino", "fp32")
+    assert backends.fastest_agreeing(dict(faster, **{"torch-bf16": row(200)})) == Runtime(
+        "torch", "bf16"
+    )

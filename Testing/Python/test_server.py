@@ -77,7 +77,10 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(litemedsam_checkpoint):
-    s = Server("--max-upload-mb", "4", "--max-sessions", "12", "--token", TOKEN)
+    s = Server(
+        "--max-upload-mb", "4", "--max-sessions", "12", "--token", TOKEN,
+        "--backend", "torch", "--precision", "fp32",
+    )  # fmt: skip
     yield s
     s.stop()
 
@@ -140,6 +143,7 @@ def test_the_server_gives_the_same_voxels_as_the_session_in_process(server, shar
     local.propagate()
     assert np.array_equal(remote.result_volume(), local.result_volume())
     assert remote.result_volume().sum() > 0.5 * kidney.sum() and seen[-1][0] == seen[-1][1]
+    assert request(f"{server.url}/models")[1]["runtime"] == "torch-fp32"  # serve --backend
     # accept and undo happen on the client's own segment, as in-process
     labels = np.zeros(ct.shape, np.uint8)
     edit = remote.accept(labels)

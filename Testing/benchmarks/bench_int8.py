@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         f"openvino {openvino.__version__}"
     )
     sam = load_model("litemedsam", device="cpu")
-    case = backends.calibration_case(sam)  # held-out evaluation slices and their boxes
+    case = backends.calibration_case()  # held-out evaluation slices and their boxes
     # calibration inputs for the quantiser: every 3rd slice of the sample CT that is not above
     volume = load_volume(backends.SAMPLE / "ct.nii.gz")
     segmenter = Segmenter(

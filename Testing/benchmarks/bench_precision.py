@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     print(f"CPU: {cpu_text()}")
     sam = load_model("litemedsam", device="cpu")
     encoder = sam.image_encoder
-    case = backends.calibration_case(sam)
+    case = backends.calibration_case()
     predictor = SamPredictor(sam)
 
     def masks_of(embeddings, clicks=False):
