@@ -339,10 +339,12 @@ def choose_runtime(
     threads: Optional[int] = None,
     home=None,
     progress=None,
+    recalibrate: bool = False,
 ) -> Choice:
     """The encoder runtime for ``sam`` (identity: (model name, checkpoint sha256)) on its
-    device: the one asked for, or ``auto``'s choice (module docstring). Refuses, before any
-    model work, a backend that is not installed or cannot run here."""
+    device: the one asked for, or ``auto``'s choice (module docstring; ``recalibrate``: forget
+    the stored calibration first). Refuses, before any model work, a backend that is not
+    installed or cannot run here."""
     asked = getattr(sam, "_slicersam_runtime_request", None)
     if asked is not None and backend is None and precision is None and onnx_dir is None:
         backend, precision, onnx_dir = asked
@@ -351,14 +353,16 @@ def choose_runtime(
     # one choice (and one compiled encoder) per model and request, shared by its segmenters
     memo = sam.__dict__.setdefault("_slicersam_runtime_choices", {})
     memo_key = (backend, precision, str(onnx_dir), threads, str(home))
-    if memo_key not in memo:
+    if memo_key not in memo or recalibrate:
         memo[memo_key] = _choose(
-            sam, identity, backend, precision, onnx_dir, threads, home, progress
+            sam, identity, backend, precision, onnx_dir, threads, home, progress, recalibrate
         )
     return memo[memo_key]
 
 
-def _choose(sam, identity, backend, precision, onnx_dir, threads, home, progress) -> Choice:
+def _choose(
+    sam, identity, backend, precision, onnx_dir, threads, home, progress, recalibrate=False
+) -> Choice:
     device = next(sam.parameters()).device
     options = candidates(backend, precision, device)
 
@@ -371,7 +375,7 @@ def _choose(sam, identity, backend, precision, onnx_dir, threads, home, progress
         return Choice(runtime, build(runtime), f"encoder runtime {runtime.name} ({how})")
     path = home / CHOICE_FILE
     key = choice_key(identity, device, options, threads)
-    stored = _read_choices(path).get(key)
+    stored = None if recalibrate else _read_choices(path).get(key)
     if stored is None:
         logger.warning(
             "calibrating the image encoder's runtimes (%s) once for this machine and model; "

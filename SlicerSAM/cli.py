@@ -261,31 +261,18 @@ def cmd_export_onnx(args) -> int:
 def cmd_runtimes(args) -> int:
     """`runtimes`: the image encoder runtimes this machine has, the calibration that ``auto``
     uses (run now if there is none, or with --recalibrate) and what it picks."""
-    import json
-
     from sam_core.runtimes import cpu_text
     from SlicerSAM import backends
     from SlicerSAM.segmenter import _model_identity
 
     _check_model(args)
     sam = _load_model(args)
-    home = backends.default_home()
-    if args.recalibrate:
-        path = home / backends.CHOICE_FILE
-        if path.is_file():
-            stored = json.loads(path.read_text())
-            key = backends.choice_key(
-                _model_identity(sam),
-                next(sam.parameters()).device,
-                backends.candidates(
-                    *backends.requested(args.backend, args.precision), next(sam.parameters()).device
-                ),
-                _encode_threads(),
-            )
-            stored.pop(key, None)
-            path.write_text(json.dumps(stored, indent=1, sort_keys=True))
     choice = backends.choose_runtime(
-        sam, _model_identity(sam), onnx_dir=args.onnx, threads=_encode_threads()
+        sam,
+        _model_identity(sam),
+        onnx_dir=args.onnx,
+        threads=_encode_threads(),
+        recalibrate=args.recalibrate,
     )
     print(f"CPU: {cpu_text()}")
     if choice.calibration:
