@@ -89,6 +89,7 @@ def _run_folder(base: str) -> Path:
 
 def run_demo(args) -> int:
     from sam_core.zoo import load_model
+    from SlicerSAM.backends import request_runtime
     from SlicerSAM.benchmark import run_benchmark, write_benchmark_outputs
     from SlicerSAM.console import print_table, progress_bar
     from SlicerSAM.intensity import parse_intensity
@@ -96,10 +97,16 @@ def run_demo(args) -> int:
     args.axis = args.axis or "axial"
     image, labels, names, description = _load_inputs(args)
     intensity = parse_intensity(args.window)
+    from sam_core.device import select_device
+    from SlicerSAM.backends import candidates, requested
+
+    # a runtime that is not installed or cannot run here is refused before the model loads
+    candidates(*requested(args.backend, args.precision), select_device(args.device))
     t0 = time.perf_counter()
     model = load_model(
         args.model, args.checkpoint, device=args.device, allow_download=args.download
     )
+    request_runtime(model, args.backend, args.precision, args.onnx)
     load_s = time.perf_counter() - t0
     sk, sj, si = image.spacing
     print(f"data:     {description}")
@@ -150,7 +157,8 @@ def run_demo(args) -> int:
         f"{len(result['structures'])} structures"
     )
     print(
-        f"timing:   model load {load_s:.1f} s; {t['slices_encoded']} slices encoded at "
+        f"timing:   model load {load_s:.1f} s; {t['slices_encoded']} slices encoded "
+        f"({result['runtime']}) at "
         f"{t['encode_ms_per_slice']:.0f} ms/slice; {t['decode_ms_per_prompt']:.1f} ms per "
         f"prompt; propagation and evaluation {t['wall_s']:.1f} s in all; peak memory "
         f"{t['peak_rss_mb']:.0f} MB"
