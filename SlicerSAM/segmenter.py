@@ -41,7 +41,7 @@ from SlicerSAM.box_search import POINT_PROMPTS
 from SlicerSAM.box_search import BoxCandidate as BoxCandidateLike
 from SlicerSAM.cache import CacheKey, EmbeddingCache
 from SlicerSAM.errors import PromptError
-from SlicerSAM.intensity import IntensityMapping
+from SlicerSAM.intensity import IntensityMapping, model_image
 from SlicerSAM.prompts import Prompts, SlicePrompts, prompts_on_slice
 from SlicerSAM.slicing import plane_for
 
@@ -312,8 +312,6 @@ class Segmenter:
 
     def model_image(self, index: int) -> np.ndarray:
         """The (H, W, 3) uint8 image the model sees for slice ``index``."""
-        from SlicerSAM.intensity import model_image
-
         index = self.check_index(index)
         return model_image(self.plane, self.volume, index, self.intensity, self.intensity_bounds())
 
