@@ -21,6 +21,10 @@ Run from the repository root:
 
     python Testing/benchmarks/bench_model.py [--repeats 5] [--slices 4] [--threads N]
 
+A second table times every image-encoder runtime this machine has (``sam_core.runtimes``:
+torch, OpenVINO and onnxruntime at each precision the CPU offers), the reference encoder and what
+``auto`` picks, interleaved on the same slices, with each runtime's box masks against torch fp32.
+
 ``--threads N`` sets torch's intra-op threads for both networks (default: torch's default, the
 physical cores); ours decodes with ``SamPredictor(decode_threads=1)`` unless
 ``--decode-threads`` says otherwise. Not a pytest test: it prints a table (``--json`` also
