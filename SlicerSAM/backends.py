@@ -91,6 +91,14 @@ def default_home() -> Path:
     return default_cache_dir().parent
 
 
+def default_threads() -> int:
+    """The encoder threads a segmenter uses by default (``SamPredictor``'s): calibrations are
+    kept per thread count."""
+    from sam_core.optimize import env_num_threads
+
+    return env_num_threads() or torch.get_num_threads()
+
+
 def _parse(value, allowed: Sequence[str], what: str) -> str:
     text = "auto" if value is None else str(value).strip().lower()
     if text != "auto" and text not in allowed:

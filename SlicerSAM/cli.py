@@ -271,7 +271,7 @@ def cmd_runtimes(args) -> int:
         sam,
         _model_identity(sam),
         onnx_dir=args.onnx,
-        threads=_encode_threads(),
+        threads=backends.default_threads(),
         recalibrate=args.recalibrate,
     )
     print(f"CPU: {cpu_text()}")
@@ -285,16 +285,6 @@ def cmd_runtimes(args) -> int:
             )
     print(choice.reason)
     return 0
-
-
-def _encode_threads() -> int:
-    """The encoder threads a segmenter uses (``SamPredictor``'s default): the calibration is
-    kept per thread count."""
-    import torch
-
-    from sam_core.optimize import env_num_threads
-
-    return env_num_threads() or torch.get_num_threads()
 
 
 def _read_prompts(path: str):

@@ -283,11 +283,18 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
                 progress=progress,
             )
             self._modelKey = (self.modelName, self.checkpoint, self.device)
-        from SlicerSAM.backends import request_runtime, requested
+        from SlicerSAM.backends import choose_runtime, default_threads, request_runtime, requested
+        from SlicerSAM.segmenter import _model_identity
 
         runtime = requested(self.backend, self.precision)
         if getattr(self._model, "_slicersam_runtime_request", (None, None))[:2] != runtime:
             request_runtime(self._model, *runtime)
+        # the encoder runtime now (auto calibrates on first use: ~1 min under ``progress``);
+        # the segmenters made later share this choice
+        choice = choose_runtime(
+            self._model, _model_identity(self._model), threads=default_threads(), progress=progress
+        )
+        self.log(f"SlicerSAM: {choice.reason}")
         return self._getSegmenter() if self.volume is not None else None
 
     def _modelLoaded(self):
