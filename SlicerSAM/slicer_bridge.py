@@ -439,6 +439,14 @@ declared dependency timm pulls torchvision, which SlicerSAM does not use. The pi
 
 TORCH_REQUIREMENT = ">=2.1"
 
+RUNTIME_REQUIREMENTS = {
+    "openvino": ("openvino>=2024.0", "onnx>=1.16"),
+    "onnxruntime": ("onnxruntime>=1.18", "onnx>=1.16"),
+}
+"""What the module installs (with the other requirements, after asking) when its *Encoder
+runtime* is set to a CPU runtime; the same as pyproject.toml's ``[openvino]`` and
+``[onnxruntime]`` extras. ``auto`` installs nothing: it uses what is there."""
+
 
 def requirement_name(line: str) -> str:
     """Distribution name of a requirement line ("scikit-image>=0.21; python_version>'3'" ->

@@ -131,7 +131,14 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
         with open(self.requirementsPath()) as f:
             missing += bridge.missing_requirements(bridge.read_requirements(f.read()))
         missing += bridge.missing_requirements(list(bridge.NO_DEPS_REQUIREMENTS))
-        return missing
+        missing += bridge.missing_requirements(self._runtimeRequirements())
+        return list(dict.fromkeys(missing))
+
+    def _runtimeRequirements(self):
+        """The packages of the encoder runtime chosen with setRuntime (none for torch, auto)."""
+        from SlicerSAM import slicer_bridge as bridge
+
+        return list(bridge.RUNTIME_REQUIREMENTS.get(self.backend or "", ()))
 
     def ensureDependencies(self, askConfirmation=True, progress=None):
         """Install what is missing: PyTorch via the PyTorch extension, the rest with pip.
@@ -175,6 +182,8 @@ class SlicerSAMLogic(ScriptedLoadableModuleLogic):
             f.write(bridge.constraints_text())
         with open(self.requirementsPath()) as f:
             requirements = bridge.missing_requirements(bridge.read_requirements(f.read()))
+        requirements += bridge.missing_requirements(self._runtimeRequirements())
+        requirements = list(dict.fromkeys(requirements))
         if requirements:
             progress("Installing " + ", ".join(requirements) + "...")
             self._pipInstall(requirements, constraints)

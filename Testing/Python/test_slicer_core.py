@@ -258,9 +258,12 @@ SEGMENTS = """
         refused = ""
     except ValueError as error:
         refused = str(error)
+    logic.setRuntime("openvino", "fp32")
+    runtime_requirements = logic._runtimeRequirements()
     logic.setRuntime("torch", "fp32")
     logic.loadModel()
     out = {"runtime_refused": refused, "device_text": logic.deviceText()}
+    out["runtime_requirements"] = runtime_requirements
     plane = logic.plane()
     k = int(np.argmax([plane.grid(spleen, i).sum() for i in range(plane.num_slices)]))
     kji = np.argwhere(spleen[k : k + 1]) + [k, 0, 0]
@@ -381,6 +384,8 @@ def test_logic_accepts_evaluates_undoes_and_round_trips_seg_nrrd_on_real_mrml(
     assert info["result_text"].startswith(f"slice {info['key_slice']}: candidate 1/")
     assert "unknown backend 'tensorrt'" in info["runtime_refused"]
     assert info["device_text"].endswith("encoder torch-fp32")
+    # a CPU runtime chosen in the panel is installed with the other requirements
+    assert info["runtime_requirements"] == ["openvino>=2024.0", "onnx>=1.16"]
     assert info["prompt_events"] == ["vtkMRMLMarkupsFiducialNode", "vtkMRMLMarkupsROINode"]
 
 

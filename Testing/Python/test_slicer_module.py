@@ -701,6 +701,15 @@ def test_no_deps_pin_matches_the_zoo():
     assert pins == dict(zoo.PACKAGE_PINS)
 
 
+def test_runtime_requirements_are_the_pyproject_extras():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in Python >= 3.11")
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = extras["optional-dependencies"]
+    for backend, requirements in bridge.RUNTIME_REQUIREMENTS.items():
+        assert sorted(requirements) == sorted(extras[backend]), backend
+
+
 def test_slice_mask_ras_bounds_round_trips_through_prompts():
     slicing = pytest.importorskip("SlicerSAM.slicing")
     from SlicerSAM.prompts import prompts_on_slice
