@@ -181,7 +181,7 @@ def check_onnx_model(path, name: str, sha: str) -> None:
         raise RuntimeUnavailable(
             f"{path} has no SlicerSAM metadata: export it with `python -m SlicerSAM export-onnx`"
         )
-    if meta.get("model") != name or meta.get("checkpoint_sha256") not in (sha, "unknown"):
+    if meta.get("model") != name or meta.get("checkpoint_sha256") != sha:
         raise RuntimeUnavailable(
             f"{path} was exported from model {meta.get('model')!r} (checkpoint "
             f"{str(meta.get('checkpoint_sha256'))[:12]}), not {name!r} (checkpoint {sha[:12]}): "
@@ -190,8 +190,9 @@ def check_onnx_model(path, name: str, sha: str) -> None:
 
 
 def build_encoder(sam, runtime: Runtime, identity, onnx_dir=None, home=None, threads=None):
-    """The encoder callable of ``runtime`` for this model (None for torch fp32: the predictor's
-    own path, which is also what GPUs run under their default autocast)."""
+    """The encoder callable of ``runtime`` for this model: None for torch fp32 on the CPU (the
+    predictor's own path); on a GPU every precision, fp32 included, is an explicit
+    TorchEncoder."""
     if runtime == Runtime("torch", "fp32") and next(sam.parameters()).device.type == "cpu":
         return None
     path = None
