@@ -126,6 +126,12 @@ def _check_model(args) -> None:
     get_spec(args.model)
     if hasattr(args, "backend"):  # a backend that is not installed or cannot run here
         candidates(*requested(args.backend, args.precision), device)
+    onnx = getattr(args, "onnx", None)
+    if onnx and not (Path(onnx) / "encoder.onnx").is_file():
+        raise SlicerSAMError(
+            f"--onnx {onnx}: no encoder.onnx there; give the folder written by "
+            f"`python -m SlicerSAM export-onnx --model {args.model} --output DIR`"
+        )
     if not getattr(args, "download", False):
         resolve_checkpoint(args.model, args.checkpoint, allow_download=False)
 
@@ -249,7 +255,7 @@ def cmd_export_onnx(args) -> int:
                 "the exported graphs do not reproduce PyTorch's masks: not written"
             )
         if output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
+            shutil.rmtree(output)  # a folder: a file was refused above
         staging.replace(output)
     finally:
         if staging.exists():

@@ -273,6 +273,9 @@ def test_cli_refuses_a_missing_backend_before_loading_the_model(tmp_path, monkey
     assert main(argv + ["--backend", "onnxruntime"]) == 2
     err = capsys.readouterr().err
     assert "onnxruntime" in err and "pip install" in err and "Traceback" not in err
+    assert main(argv + ["--backend", "torch", "--onnx", str(tmp_path / "nowhere")]) == 2
+    assert "no encoder.onnx there" in capsys.readouterr().err
+    assert not (tmp_path / "o.nii.gz").exists()
 
 
 @pytest.mark.parametrize(
