@@ -289,7 +289,11 @@ class EmbeddingCache:
         try:
             if not isinstance(payload, dict) or payload.get("format") != DISK_FORMAT:
                 raise ValueError("unknown format")
-            if payload.get("key") != key.as_dict():
+            stored = payload.get("key")
+            if isinstance(stored, dict):
+                # files written before keys had a precision hold fp32 embeddings
+                stored = {"precision": "fp32", **stored}
+            if stored != key.as_dict():
                 raise ValueError("stored key differs from the requested key")
             features = payload["features"]
             if not isinstance(features, torch.Tensor):

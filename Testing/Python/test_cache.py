@@ -106,6 +106,22 @@ def test_disk_round_trip_across_cache_instances(tmp_path):
     assert second.stats.disk_hits == 1 and second.stats.entries == 1
 
 
+def test_disk_file_written_before_keys_had_a_precision_is_still_an_fp32_hit(tmp_path):
+    # files of earlier versions store their key without "precision" (their embeddings are fp32)
+    EmbeddingCache(disk_dir=tmp_path).put(_key(3), _embedding(3))
+    path = tmp_path / f"{_key(3).digest()}.pt"
+    payload = torch.load(path, weights_only=True)
+    del payload["key"]["precision"]
+    torch.save(payload, path)
+    cache = EmbeddingCache(disk_dir=tmp_path)
+    assert cache.get(_key(3)) is not None
+    assert cache.stats.disk_hits == 1 and cache.stats.disk_rejected == 0
+    # a reduced precision never shares the fp32 file (its digest names another file)
+    assert _key(3, precision="bf16").digest() != _key(3).digest()
+    assert EmbeddingCache(disk_dir=tmp_path).get(_key(3, precision="bf16")) is None
+    assert path.exists()
+
+
 def test_default_disk_folder_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SLICERSAM_CACHE", str(tmp_path / "mine"))
     assert default_cache_dir() == tmp_path / "mine"
