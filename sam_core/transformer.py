@@ -110,6 +110,7 @@ class TwoWayTransformer(nn.Module):
                 key_pe,
                 keys_with_pe if i == 0 else None,
                 first_layer if i == 0 else None,
+                keys_owned=i > 0,
             )
         attended = self.final_attn_token_to_image.tokens_to_image(
             queries + point_embedding, keys + key_pe, keys
@@ -212,10 +213,12 @@ class TwoWayAttentionBlock(nn.Module):
         key_pe: Tensor,
         keys_with_pe: Optional[Tensor] = None,
         projected: Optional[ImageProjections] = None,
+        keys_owned: bool = False,
     ) -> Tuple[Tensor, Tensor]:
         """:meth:`forward` with the low-rank cross-attentions; ``keys`` may be ``1 x N x C``
         (shared by the ``B`` prompts), ``keys_with_pe`` is ``keys + key_pe`` if known, and
-        ``projected`` the image-side projections of these keys if known."""
+        ``projected`` the image-side projections of these keys if known. ``keys_owned``: the
+        caller's own ``B x N x C`` keys (not a cached image), updated in place."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(q=queries, k=queries, v=queries)
         else:
@@ -237,7 +240,10 @@ class TwoWayAttentionBlock(nn.Module):
         q = queries + query_pe
         i2t = self.cross_attn_image_to_token
         q_image = None if projected is None else projected.q_i2t
-        keys = self.norm4(i2t.image_to_tokens(k, q, queries, q_image, residual=keys))
+        in_place = keys_owned and keys.shape[0] == queries.shape[0]
+        keys = self.norm4(
+            i2t.image_to_tokens(k, q, queries, q_image, residual=keys, in_place=in_place)
+        )
         return queries, keys
 
 
@@ -312,10 +318,13 @@ class Attention(nn.Module):
         v: Tensor,
         q_projected_t: Optional[Tensor] = None,
         residual: Optional[Tensor] = None,
+        in_place: bool = False,
     ) -> Tensor:
         """``forward(q, k, v)`` (plus ``residual`` if given, ``B' x N x C``) for ``B' x N x C``
         image queries (not projected here, or given projected as ``B' x heads x ch x N`` in
-        ``q_projected_t``) and ``B x T x C`` token keys and values."""
+        ``q_projected_t``) and ``B x T x C`` token keys and values. ``in_place``: the sum is
+        written into ``residual`` (then ``B x N x C`` and the caller's own), which saves a copy
+        of the image tokens."""
         b, t, c = k.shape
         heads = self.num_heads
         ch = self.internal_dim // heads
@@ -341,4 +350,6 @@ class Attention(nn.Module):
         u = torch.matmul(vh, wo).add_(self.out_proj.bias / heads).reshape(b, heads * t, c)
         if residual is None:
             return torch.matmul(p.transpose(1, 2), u)
+        if in_place:
+            return residual.baddbmm_(p.transpose(1, 2), u)
         return torch.baddbmm(residual.expand(b, -1, -1), p.transpose(1, 2), u)
