@@ -60,6 +60,11 @@ getattr(threading, "_register_atexit", lambda fn: None)(_SHUTTING_DOWN.set)
 # at the middle of a mask leaves no box that holds half of it).
 KEEP_FRACTION = 0.5
 
+# A correction with positive clicks only grows the mask by the candidate that wins (their union)
+# instead of replacing the mask by it: the clicks add, and take away nothing they did not point at
+# (docs/prompts.md, "Corrections"; what it is worth: docs/propagation.md, "Corrections").
+POSITIVE_CORRECTIONS_GROW = True
+
 
 def _without_clicked_parts(mask: np.ndarray, negative: np.ndarray) -> Optional[np.ndarray]:
     """``mask`` (H, W bool) without its connected parts (8-connected) under the negative clicks
@@ -567,9 +572,11 @@ class Segmenter:
           clicks clipped to it and the box cut at each negative click compete.
         - Clicks with a mask (``SlicePrompts.mask``: a correction of an existing result): the
           mask's box decoded again, that box reaching out to the positive clicks, the candidates
-          around the positive clicks and the mask's box cut at each negative click compete. With
-          negative clicks only, nothing is left when no candidate honours them: the structure is
-          not on the slice where the user said "not this".
+          around the positive clicks and the mask's box cut at each negative click compete.
+          Positive clicks only: the mask grows by the winner (their union), so the correction
+          never takes away what the clicks did not point at. With negative clicks only, nothing
+          is left when no candidate honours them: the structure is not on the slice where the
+          user said "not this".
 
         Candidates compete as in :func:`SlicerSAM.box_search.rank_boxes`: the clicks they
         honour first, then predicted IoU x stability x self-consistency. ``multimask``: the 3 best
@@ -684,7 +691,15 @@ class Segmenter:
                         labels,
                         prefer=lambda mask: keeps(mask) and plausible(mask),
                     )
-                    if len(positive) and found and not keeps(found[0].mask):
+                    if POSITIVE_CORRECTIONS_GROW and len(positive) and not len(negative) and found:
+                        # clicks that only add ("this too") grow the mask by the best candidate
+                        # and take away nothing they did not point at: a candidate that holds
+                        # the click often holds only one part of a mask in several parts (two
+                        # veins on one slice), and replacing the mask by it would drop the rest
+                        grown = before | found[0].mask
+                        if honours_all(grown, points, labels):
+                            found = [grown]
+                    elif len(positive) and found and not keeps(found[0].mask):
                         # no mask holds the click and keeps the corrected one: "this too" adds
                         # what the model found at the click instead of replacing the mask by it
                         # (a click at a mask's edge would otherwise leave a sliver)

@@ -29,7 +29,10 @@ How prompts on a slice combine (docs/prompts.md, "How prompts combine"):
    that already agrees with it; a model trained with points gets box and clicks together.
    Clicks inside an ROI on a slice other than its middle one stand in for a correction: when
    propagating, the walks start from the ROI's slice and the clicks then correct what they gave
-   there (2.), as if the user had clicked after seeing the ROI's result.
+   there (2.), as if the user had clicked after seeing the ROI's result. Where the walks left
+   that slice empty, the clicks choose their own box inside the ROI (3.): the ROI's rectangle
+   bounds the structure over all its slices and is too large a box on a slice the structure
+   only crosses (a rib, a vein, the end of an organ).
 2. Clicks on a slice that already holds a mask (a propagated slice, or a key slice whose clicks
    are added to): a correction of that mask (:meth:`Segmenter.segment` with
    ``SlicePrompts.mask``). A negative correction that leaves nothing marks the slice absent.
@@ -514,6 +517,11 @@ class InteractiveSession:
         The prompts replace the slice's earlier ones; how they combine with the ROI and with a
         mask already on the slice is in the module docstring. Returns the SliceResult.
         """
+        return self._segment(prompts, index, multimask)
+
+    def _segment(self, prompts, index=None, multimask=None, roi_box: bool = True) -> object:
+        """:meth:`segment`; ``roi_box=False``: clicks on a slice without a mask choose their own
+        box inside the ROI instead of taking its rectangle (a slice the walks left empty)."""
         if isinstance(prompts, Prompts):
             if prompts.box is not None:
                 first, last = box_slice_range(prompts.box, self.volume, self.plane)
@@ -534,7 +542,7 @@ class InteractiveSession:
         previous = self._previous_mask(prompts)
         asked = prompts
         if prompts.box_xyxy is None and self.roi is not None:
-            if previous is None:
+            if previous is None and (roi_box or not prompts.num_points):
                 prompts = replace(prompts, box_xyxy=self.roi.bounds_xyxy)
             else:
                 prompts = replace(prompts, bounds_xyxy=self.roi.bounds_xyxy)
@@ -545,7 +553,12 @@ class InteractiveSession:
                 return self._as_result(index, previous)
             prompts = replace(prompts, mask=previous)
         kwargs = {}
-        limit = self._area_limit(index) if prompts.num_points and prompts.box_xyxy is None else None
+        # a click's mask is bounded by the nearest slices' areas, except on a slice the walks left
+        # empty: the nearest masks there are where the walks lost the structure
+        bounded = (
+            prompts.num_points and prompts.box_xyxy is None and (roi_box or previous is not None)
+        )
+        limit = self._area_limit(index) if bounded else None
         if limit is not None:  # (only then: stand-in segmenters need not know the argument)
             kwargs["max_area"] = limit
         result = self.segmenter.segment(index, prompts, multimask=multimask, **kwargs)
@@ -777,7 +790,7 @@ class InteractiveSession:
             self._propagation = None  # the walks start from the other key slices afresh
             self.propagate(direction, progress, cancel, **settings)
             for index, prompts in asked.items():
-                self.segment(prompts)
+                self._segment(prompts, roi_box=False)
                 if self.keys[index].stand_in:  # the walks did not reach it: it stays a key
                     self.keys[index] = replace(self.keys[index], stand_in=False)
             return self.propagate(direction, progress, cancel, **settings)

@@ -176,6 +176,30 @@ def test_a_positive_click_beyond_the_masks_edge_adds_to_it_and_never_shrinks_it(
     assert not (mask & ~organ & ~column).any()  # what it adds is what was clicked
 
 
+def test_a_positive_click_on_one_part_of_a_mask_keeps_the_other_parts(monkeypatch):
+    """The mask holds half of the organ and the column beside it (two parts, like the portal and
+    the splenic vein on one slice); the best box for a click on the organ's missing half gives
+    the organ only. It keeps more than half of the mask, so it used to replace it and drop the
+    column; the clicks only add, so the mask grows by it instead."""
+    monkeypatch.setattr("sam_core.predictor.SamPredictor", CentrePredictor)
+    volume, labels = scene()
+    segmenter = Segmenter(volume, ShapesSam(), intensity=IntensityMapping(level=40, width=400))
+    organ, column = grid(segmenter, labels, 10), grid(segmenter, labels, 10, 2)
+    cols = np.flatnonzero(organ.any(axis=0))
+    half = organ.copy()
+    half[:, cols[len(cols) // 2] :] = False
+    before = half | column
+    assert (organ & before).sum() >= 0.5 * before.sum()  # the organ's mask "keeps" the mask
+    session = InteractiveSession(segmenter=segmenter)
+    session.add_mask(10, before)
+    x, y = centre_of(organ & ~half)
+    session.add_click(10, (x, y), positive=True)
+    mask = session.keys[10].mask
+    assert mask[int(y), int(x)] and np.array_equal(mask & before, before)
+    assert (mask & organ & ~half).sum() > 0.5 * (organ & ~half).sum()
+    assert not (mask & ~organ & ~column).any()  # what it adds is the organ
+
+
 def test_a_negative_click_removes_the_part_it_lands_in(shapes):
     segmenter, labels = shapes
     organ, column = grid(segmenter, labels, 10), grid(segmenter, labels, 10, 2)
@@ -281,6 +305,36 @@ def test_an_roi_and_a_click_given_together_equal_the_roi_then_the_click_as_a_cor
     # which the click only confirms, does not
     column = grid(segmenter, labels, 7, 2)
     assert (shown & column).any() and not (together.result()[7] & column).any()
+
+
+def test_a_click_inside_an_roi_where_the_walks_found_nothing_chooses_its_own_box(monkeypatch):
+    """The walks from the ROI's middle slice stop at a slice without the structure; a click on
+    the part beyond it chooses a box around itself inside the ROI, not the ROI's rectangle
+    (which there holds the column beside the organ too)."""
+    from SlicerSAM.propagation import StopRules
+
+    monkeypatch.setattr("sam_core.predictor.SamPredictor", ShapesPredictor)
+    labels = organ_labels(first=4, last=14)[: SHAPE[0]]
+    labels[7][labels[7] == 1] = 0  # the organ skips slice 7: the walks down stop there
+    array = np.where(labels > 0, 120, -100).astype(np.int16)
+    volume = Volume(array, np.diag([3.0, 3.0, 3.0, 1.0]))
+    segmenter = Segmenter(volume, ShapesSam(), intensity=IntensityMapping(level=40, width=400))
+    roi = _roi_around(segmenter, labels, pad=4)  # loose: it reaches the column's edge
+    x, y = centre_of(grid(segmenter, labels, 5))
+    rectangle = segmenter.segment(5, SlicePrompts(5, box_xyxy=roi.bounds_xyxy)).mask
+    column = grid(segmenter, labels, 5, 2)
+    assert (rectangle & column).any()  # what the ROI's rectangle would have given
+
+    session = InteractiveSession(segmenter=segmenter, stop=StopRules(min_iou=None))
+    session.set_roi(roi)
+    session.segment(SlicePrompts(roi.middle, box_xyxy=box_of(grid(segmenter, labels, 10))))
+    session.segment(SlicePrompts(5, [[x, y]], [1]))
+    session.propagate()
+    result = session.result()
+    assert 7 not in result and result[5][int(round(y)), int(round(x))]
+    assert not any((result[k] & grid(segmenter, labels, k, 2)).any() for k in (4, 5, 6))
+    outside = ~roi.grid_mask(segmenter.plane)
+    assert not any((m & outside).any() for m in result.values())
 
 
 def test_a_cancelled_propagation_keeps_clicks_waiting_for_the_rois_result(shapes):

@@ -10,7 +10,9 @@ off one at a time, on the same run's embeddings:
   beyond it too (``propagate(previous_keys=None)``);
 * ``no rejoin``: a recomputed walk never stops where it rejoins the earlier result;
 * ``no size prior``: a click's candidates are not measured against the nearest slices' masks;
-* ``no keep``: a positive correction does not prefer the masks that keep the corrected one.
+* ``no keep``: a positive correction does not prefer the masks that keep the corrected one;
+* ``replace``: a correction with positive clicks only replaces the mask by the candidate that
+  wins instead of growing the mask by it.
 
 Prints, per variant, the mean Dice before and after the correction and the leaking structures.
 From the repository root (``../shared`` beside it)::
@@ -64,6 +66,7 @@ VARIANTS = {
     "no rejoin": lambda: switched(walk_module, "REJOIN_DICE", 2.0),
     "no size prior": lambda: switched(session_module, "LEAK_GROWTH", float("inf")),
     "no keep": lambda: switched(segmenter_module, "KEEP_FRACTION", 0.0),
+    "replace": lambda: switched(segmenter_module, "POSITIVE_CORRECTIONS_GROW", False),
 }
 
 
